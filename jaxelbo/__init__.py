@@ -1,0 +1,46 @@
+"""jaxelbo: variational bounds and their gradient estimators in JAX.
+
+Every objective is a factory returning a pure ``(params, rng, x) -> (loss, aux)``
+whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimator.
+"""
+
+from jaxelbo import models
+from jaxelbo.diagnostics import (
+    ElboSurgery,
+    elbo_surgery,
+    gradient_replicates,
+    gradient_snr,
+    importance_resample,
+    log_likelihood,
+)
+from jaxelbo.estimators import ESTIMATORS
+from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
+from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, miwae, piwae, renyi, rws
+from jaxelbo.types import Guide, Model, log_joint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ESTIMATORS",
+    "OBJECTIVES",
+    "ElboSurgery",
+    "Guide",
+    "Model",
+    "ciwae",
+    "effective_sample_size",
+    "elbo",
+    "elbo_surgery",
+    "gradient_replicates",
+    "gradient_snr",
+    "importance_resample",
+    "iwae",
+    "log_joint",
+    "log_likelihood",
+    "log_weights",
+    "miwae",
+    "models",
+    "normalized_weights",
+    "piwae",
+    "renyi",
+    "rws",
+]

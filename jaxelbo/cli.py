@@ -1,0 +1,55 @@
+"""The ``jaxelbo`` command line: ``jaxelbo {train,evaluate,snr,bench} ...``.
+
+Each sub-command lives in its own module under :mod:`jaxelbo.commands` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and
+imports a command's module (and so JAX) only when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("jaxelbo.commands.train", "train a VAE with a chosen objective and estimator"),
+    "evaluate": ("jaxelbo.commands.evaluate", "re-evaluate a saved training run"),
+    "snr": ("jaxelbo.commands.snr", "gradient signal-to-noise sweep over K and M (Rainforth et al. 2018)"),
+    "bench": ("jaxelbo.commands.bench", "throughput of every objective x estimator on the Burda VAE"),
+}
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags end with one line naming the problem (and the valid choices)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(prog="jaxelbo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+                                parser_class=_OneLineErrorParser)
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as e:  # a command not written yet
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=module)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"jaxelbo {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

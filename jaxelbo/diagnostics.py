@@ -1,0 +1,219 @@
+"""Layer 5: gradient replicates and SNR, log-likelihood, q_IW resampling, ELBO surgery."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxelbo import log_weights as lw_lib
+from jaxelbo.objectives import LossFn, _check_count, check_inputs
+from jaxelbo.types import Guide, Model, PyTree
+
+# --------------------------------------------------------------------------------------
+# Gradient replicates and signal-to-noise ratio
+# --------------------------------------------------------------------------------------
+
+
+def gradient_replicates(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *,
+                        num_replicates: int, chunk_size: int | None = None) -> PyTree:
+    """``R`` independent draws of the gradient estimate, stacked on a leading axis.
+
+    All replicates run as one vmapped program; with ``chunk_size`` they run
+    ``chunk_size`` at a time (``jax.lax.map``), bounding memory at ``chunk_size`` times
+    one gradient's. Replicate ``r`` uses ``jax.random.split(rng, R)[r]`` whatever the
+    chunking, so results do not depend on it.
+
+    Returns:
+      A pytree like ``params`` whose leaves have a leading axis ``num_replicates``.
+    """
+    num_replicates = _check_count("num_replicates", num_replicates)
+    keys = jax.random.split(rng, num_replicates)
+    grad_fn = jax.grad(lambda p, key: loss_fn(p, key, x)[0])
+    if chunk_size is None or chunk_size >= num_replicates:
+        return jax.vmap(grad_fn, in_axes=(None, 0))(params, keys)
+    chunk_size = _check_count("chunk_size", chunk_size)
+    return jax.lax.map(lambda key: grad_fn(params, key), keys, batch_size=chunk_size)
+
+
+def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None) -> PyTree:
+    """Per-element ``|mean| / std`` over the leading (replicate) axis.
+
+    Args:
+      replicates: leaves with a leading axis R.
+      mean: optional pytree of better estimates of the mean (Tucker et al. 2019 use the
+        low-variance, unbiased DReG replicates' mean when the estimator's own mean is
+        swamped by its noise).
+    """
+    if mean is None:
+        mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), replicates)
+    return jax.tree_util.tree_map(lambda g, m: jnp.abs(m) / jnp.std(g, axis=0), replicates, mean)
+
+
+def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, num_replicates: int,
+                 chunk_size: int | None = None) -> PyTree:
+    """Signal-to-noise ratio ``|E[g]| / std[g]`` of every gradient element.
+
+    Rainforth et al. (2018, arXiv:1802.04537) show that for IWAE it grows as
+    ``sqrt(K)`` for ``theta`` and shrinks as ``1/sqrt(K)`` for ``phi``.
+    """
+    reps = gradient_replicates(loss_fn, params, rng, x, num_replicates=num_replicates, chunk_size=chunk_size)
+    return snr_from_replicates(reps)
+
+
+# --------------------------------------------------------------------------------------
+# Log-likelihood
+# --------------------------------------------------------------------------------------
+
+
+def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                   num_samples: int = 5000, chunk_size: int | None = 500) -> jax.Array:
+    """Estimate ``log p(x)`` by IWAE_K with large K (Burda et al. 2016 use K = 5000).
+
+    Samples are drawn ``chunk_size`` at a time and reduced by a streaming logsumexp
+    ``(m, s) <- (max(m, max lw), s e^{m - m'} + sum e^{lw - m'})``, so memory is
+    ``B * chunk_size`` log-weights whatever ``num_samples``. The last chunk is masked
+    when ``chunk_size`` does not divide ``num_samples``.
+
+    Returns:
+      ``(B,)`` estimates, each a stochastic lower bound whose gap shrinks as ``O(1/K)``.
+    """
+    num_samples = _check_count("num_samples", num_samples)
+    chunk = num_samples if chunk_size is None else min(_check_count("chunk_size", chunk_size), num_samples)
+    num_chunks = -(-num_samples // chunk)
+    check_inputs(model, guide, params, rng, x)
+
+    def body(carry, i):
+        running_max, running_sum = carry
+        lw = lw_lib.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
+        valid = i * chunk + jnp.arange(chunk) < num_samples
+        lw = jnp.where(valid, lw, -jnp.inf)
+        new_max = jnp.maximum(running_max, jnp.max(lw, axis=-1))
+        safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        running_sum = (running_sum * jnp.exp(running_max - safe)
+                       + jnp.sum(jnp.exp(lw - safe[:, None]), axis=-1))
+        return (new_max, running_sum), None
+
+    batch = lw_lib.batch_size_of(x)
+    dtype = jax.eval_shape(
+        lambda: lw_lib.log_weights(model, guide, params, rng, x, num_samples=1)).dtype
+    init = (jnp.full((batch,), -jnp.inf, dtype), jnp.zeros((batch,), dtype))
+    (running_max, running_sum), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    return running_max + jnp.log(running_sum) - math.log(num_samples)
+
+
+# --------------------------------------------------------------------------------------
+# Importance resampling: draws from the implicit posterior q_IW
+# --------------------------------------------------------------------------------------
+
+
+def importance_resample(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                        num_samples: int, num_draws: int) -> PyTree:
+    """Draws from the implicit IWAE posterior ``q_IW`` for ONE example ``x``.
+
+    Each draw samples ``z_1..z_K ~ q(z|x)`` and returns ``z_j`` with probability
+    ``w_j`` (sampling-importance-resampling). Cremer, Morris & Duvenaud (2017,
+    arXiv:1704.02916) show that IWAE_K is the ELBO of this ``q_IW``, which approaches
+    ``p(z|x)`` as K grows.
+
+    Returns:
+      ``num_draws`` latents, leaves shaped ``(num_draws, *z)``.
+    """
+    num_samples = _check_count("num_samples", num_samples)
+    num_draws = _check_count("num_draws", num_draws)
+    x_batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+    check_inputs(model, guide, params, rng, x_batch)
+
+    def one_draw(key):
+        k_sample, k_pick = jax.random.split(key)
+        keys = lw_lib.sample_keys(k_sample, 1, num_samples)
+        z = lw_lib.sample_latents(guide, params["guide"], keys, x_batch)
+        lw = (lw_lib.log_joint_latents(model, params["model"], x_batch, z)
+              - lw_lib.log_prob_latents(guide, params["guide"], x_batch, z))[0]
+        j = jax.random.categorical(k_pick, lw)
+        return jax.tree_util.tree_map(lambda leaf: leaf[0, j], z)
+
+    return jax.vmap(one_draw)(jax.random.split(rng, num_draws))
+
+
+# --------------------------------------------------------------------------------------
+# ELBO surgery
+# --------------------------------------------------------------------------------------
+
+
+class ElboSurgery(NamedTuple):
+    """Hoffman & Johnson (2016) decomposition of the ELBO over a data set of N points.
+
+    ``elbo = reconstruction - index_code_mi - marginal_kl`` and
+    ``avg_kl = index_code_mi + marginal_kl``; ``0 <= index_code_mi <= log N``.
+    """
+
+    elbo: jax.Array
+    reconstruction: jax.Array
+    index_code_mi: jax.Array
+    marginal_kl: jax.Array
+    avg_kl: jax.Array
+    log_num_points: jax.Array
+
+
+def elbo_surgery(model: Model, guide: Guide, params: dict, rng: jax.Array, x_all: PyTree, *,
+                 num_samples: int = 1, chunk_size: int = 256) -> ElboSurgery:
+    """ELBO surgery (Hoffman & Johnson 2016, "ELBO surgery: yet another way to carve up
+    the variational evidence lower bound", NIPS AABI workshop).
+
+    With the aggregate posterior ``q(z) = 1/N sum_n q(z | x_n)``:
+
+    .. math::
+
+       \\mathrm{ELBO} = \\frac1N \\sum_n \\mathbb{E}_{q(z|x_n)}[\\log p(x_n|z)]
+         - I_q[n; z] - \\mathrm{KL}(q(z) \\,\\|\\, p(z)),
+       \\qquad I_q[n; z] = \\mathbb{E}[\\log q(z|x_n) - \\log q(z)] \\le \\log N .
+
+    Each point gets ``num_samples`` draws ``z ~ q(z|x_n)``; ``log q(z)`` is evaluated
+    against all N guides, ``chunk_size`` data points at a time with a streaming
+    logsumexp, so memory is ``O(N * num_samples * chunk_size)`` scalars.
+    """
+    num_samples = _check_count("num_samples", num_samples)
+    chunk_size = _check_count("chunk_size", chunk_size)
+    check_inputs(model, guide, params, rng, x_all)
+    theta, phi = params["model"], params["guide"]
+    n = lw_lib.batch_size_of(x_all)
+    keys = lw_lib.sample_keys(rng, n, num_samples)
+    z = lw_lib.sample_latents(guide, phi, keys, x_all)                      # (N, S, ...)
+    log_q_own = lw_lib.log_prob_latents(guide, phi, x_all, z)               # (N, S)
+    log_prior = jax.vmap(jax.vmap(model.log_prior, (None, 0)), (None, 0))(theta, z)
+    log_lik = jax.vmap(jax.vmap(model.log_likelihood, (None, None, 0)), (None, 0, 0))(theta, x_all, z)
+
+    # log q(z_i) = logsumexp_n log q(z_i | x_n) - log N, streamed over chunks of n.
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+    x_padded = jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]) if pad else a, x_all)
+    x_chunks = jax.tree_util.tree_map(lambda a: a.reshape(num_chunks, chunk_size, *a.shape[1:]), x_padded)
+    z_flat = jax.tree_util.tree_map(lambda a: a.reshape(n * num_samples, *a.shape[2:]), z)
+    cross = jax.vmap(jax.vmap(guide.log_prob, (None, None, 0)), (None, 0, None))  # (chunk, N*S)
+
+    def body(carry, inputs):
+        running_max, running_sum = carry
+        x_chunk, i = inputs
+        lq = cross(phi, x_chunk, z_flat)
+        valid = (i * chunk_size + jnp.arange(chunk_size) < n)[:, None]
+        lq = jnp.where(valid, lq, -jnp.inf)
+        new_max = jnp.maximum(running_max, jnp.max(lq, axis=0))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(lq - new_max), axis=0)
+        return (new_max, running_sum), None
+
+    dtype = log_q_own.dtype
+    init = (jnp.full((n * num_samples,), -jnp.inf, dtype), jnp.zeros((n * num_samples,), dtype))
+    (mx, sm), _ = jax.lax.scan(body, init, (x_chunks, jnp.arange(num_chunks)))
+    log_q_agg = (mx + jnp.log(sm) - math.log(n)).reshape(n, num_samples)
+
+    reconstruction = jnp.mean(log_lik)
+    index_code_mi = jnp.mean(log_q_own - log_q_agg)
+    marginal_kl = jnp.mean(log_q_agg - log_prior)
+    avg_kl = jnp.mean(log_q_own - log_prior)
+    return ElboSurgery(elbo=reconstruction - avg_kl, reconstruction=reconstruction,
+                       index_code_mi=index_code_mi, marginal_kl=marginal_kl, avg_kl=avg_kl,
+                       log_num_points=jnp.asarray(math.log(n), dtype))

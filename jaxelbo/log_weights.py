@@ -1,0 +1,116 @@
+"""Layer 2: importance log-weights over K samples and a batch.
+
+For one example ``x`` and ``K`` draws ``z_k = t(eps_k, phi; x)`` from the guide,
+
+.. math::
+
+   \\log \\tilde w_k = \\log p_\\theta(x, z_k) - \\log q_\\phi(z_k \\mid x),
+   \\qquad w_k = \\mathrm{softmax}(\\log \\tilde w)_k,
+   \\qquad \\mathrm{ESS} = 1 / \\textstyle\\sum_k w_k^2 .
+
+Everything here is vmapped twice: over the samples (``x`` and the parameters are not
+batched on that axis, so work that depends only on ``x``, such as an encoder, is done
+once per example) and over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxelbo.types import Guide, Model, PyTree
+
+
+def sample_keys(rng: jax.Array, batch_size: int, num_samples: int) -> jax.Array:
+    """One key per (example, sample): shape ``(batch_size, num_samples)`` of keys."""
+    return jax.random.split(rng, (batch_size, num_samples))
+
+
+def batch_size_of(x: PyTree) -> int:
+    """The leading (batch) axis shared by every leaf of ``x``; raises if there is none."""
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        raise ValueError("x is empty: expected a batch with a leading axis B")
+    sizes = set()
+    for leaf in leaves:
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"x must be a batch with a leading axis B, got a scalar leaf of shape {jnp.shape(leaf)}; "
+                "for one example use x[None]")
+        sizes.add(jnp.shape(leaf)[0])
+    if len(sizes) != 1:
+        raise ValueError(f"every leaf of x must share the leading batch axis, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _per_example(fn: Callable, *in_axes) -> Callable:
+    """vmap ``fn`` over samples (inner) and examples (outer).
+
+    ``in_axes`` gives, per argument, ``"sample"`` (batched on both axes), ``"example"``
+    (batched over examples only) or ``None`` (shared).
+    """
+    inner = tuple(0 if a == "sample" else None for a in in_axes)
+    outer = tuple(0 if a in ("sample", "example") else None for a in in_axes)
+    return jax.vmap(jax.vmap(fn, in_axes=inner), in_axes=outer)
+
+
+def sample_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree) -> PyTree:
+    """``z[b, k] = guide.sample(phi, keys[b, k], x[b])``, leaves shaped ``(B, K, ...)``."""
+    return _per_example(guide.sample, None, "sample", "example")(phi, keys, x)
+
+
+def log_prob_latents(guide: Guide, phi: PyTree, x: PyTree, z: PyTree) -> jax.Array:
+    """``log q_phi(z[b, k] | x[b])``, shape ``(B, K)``."""
+    return _per_example(guide.log_prob, None, "example", "sample")(phi, x, z)
+
+
+def log_joint_latents(model: Model, theta: PyTree, x: PyTree, z: PyTree) -> jax.Array:
+    """``log p_theta(x[b], z[b, k])``, shape ``(B, K)``."""
+    def one(theta, x, z):
+        return model.log_prior(theta, z) + model.log_likelihood(theta, x, z)
+
+    return _per_example(one, None, "example", "sample")(theta, x, z)
+
+
+def log_weights(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                num_samples: int) -> jax.Array:
+    """Plain log-weights ``log p(x, z_k) - log q(z_k | x)`` of shape ``(B, num_samples)``.
+
+    Differentiating this is the total (``reparam``) derivative.
+
+    Example:
+      >>> import jax, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> params = lg.optimal_params(jax.numpy.zeros(3))
+      >>> x = jax.numpy.ones((2, 3))
+      >>> je.log_weights(lg.model(), lg.guide(), params, jax.random.key(0), x, num_samples=5).shape
+      (2, 5)
+    """
+    keys = sample_keys(rng, batch_size_of(x), num_samples)
+    z = sample_latents(guide, params["guide"], keys, x)
+    return (log_joint_latents(model, params["model"], x, z)
+            - log_prob_latents(guide, params["guide"], x, z))
+
+
+def normalized_weights(log_weights: jax.Array, axis: int = -1) -> jax.Array:
+    """Self-normalised importance weights ``w = softmax(log w~)`` along ``axis``."""
+    return jax.nn.softmax(log_weights, axis=axis)
+
+
+def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
+    """Kish's effective sample size ``1 / sum_k w_k^2``, computed in log space.
+
+    ``log ESS = -logsumexp(2 log w)`` with ``log w = log_softmax(log w~)``; it lies in
+    ``[1, K]``.
+    """
+    log_w = jax.nn.log_softmax(log_weights, axis=axis)
+    return jnp.exp(-jax.nn.logsumexp(2.0 * log_w, axis=axis))
+
+
+def log_mean_exp(log_weights: jax.Array, axis: int = -1) -> jax.Array:
+    """``log (1/K sum_k exp(log w~_k))``: the IWAE bound of one set of K log-weights."""
+    k = log_weights.shape[axis]
+    return jax.nn.logsumexp(log_weights, axis=axis) - math.log(k)

@@ -1,0 +1,301 @@
+"""Data sets for the VAE experiments and a seeded, resumable batch iterator.
+
+``load(name)`` returns flat images in [0, 1] split into train / validation / test:
+
+=================  ====================================================================
+``digits``         scikit-learn's bundled 8x8 digits (1797 images, 16 grey levels,
+                   scaled to [0, 1]); no download. Default.
+``mnist``          LeCun et al.'s MNIST, 28x28, from IDX files or an ``.npz``.
+``fashion-mnist``  Xiao et al.'s Fashion-MNIST, same file formats as MNIST.
+``omniglot``       Burda et al.'s 28x28 Omniglot (``chardata.mat``) or an ``.npz``.
+=================  ====================================================================
+
+Files are never downloaded: put them in a directory and pass ``data_dir``; a missing
+file raises an error that names the files and where they go. The binary likelihood of
+the VAE is trained with *dynamic binarisation* (Salakhutdinov & Murray 2008; Burda et
+al. 2016): every epoch each grey value is replaced by a fresh Bernoulli draw. The
+validation and test sets are binarised once with a fixed key so that every evaluation
+sees the same binary images.
+
+Batches are a pure function of ``(seed, step)``: epoch ``e = step // steps_per_epoch``
+uses the permutation drawn from ``(seed, e)``, so a resumed run sees exactly the batches
+an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "omniglot")
+BINARIZE = ("dynamic", "static", "none")
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+# Fixed key for the one-off binarisation of the validation and test sets.
+EVAL_BINARIZATION_SEED = 1234
+
+
+class Dataset(NamedTuple):
+    """Flat images in [0, 1] (float32 numpy arrays, shape ``(N, D)``).
+
+    Attributes:
+      name: the data set's name.
+      train, validation, test: the splits (validation may have 0 rows).
+      image_shape: ``(height, width)`` for plots; ``height * width == D``.
+      binary: whether the pixels are already exactly 0/1.
+    """
+
+    name: str
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    image_shape: tuple[int, int]
+    binary: bool
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.train.shape[1])
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (LeCun's MNIST format), gzipped or not, into a numpy array.
+
+    The header is two zero bytes, a dtype code, the number of dimensions ``n``, then
+    ``n`` big-endian int32 sizes; the data follow in C order.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX dtype code {code:#04x}")
+    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    count = int(np.prod(shape)) if shape else 1
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 array as an IDX file (``.gz`` suffix: gzipped). Used by tests."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    """Flattens images to ``(N, D)`` float32 in [0, 1] (uint8 / 255; floats kept)."""
+    x = np.asarray(x)
+    x = x.reshape(x.shape[0], -1)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise ValueError(f"pixel values must lie in [0, 1] (or be uint8), got range "
+                         f"[{x.min()}, {x.max()}]")
+    return x
+
+
+def _search_dirs(name: str, data_dir: str | os.PathLike) -> list[Path]:
+    root = Path(data_dir).expanduser()
+    return [root / name, root / name.replace("-", "_"), root]
+
+
+def _find(name: str, data_dir, candidates: list[str]) -> Path | None:
+    for d in _search_dirs(name, data_dir):
+        for c in candidates:
+            if (d / c).is_file():
+                return d / c
+    return None
+
+
+def _missing(name: str, data_dir, expected: str) -> FileNotFoundError:
+    where = " or ".join(str(d) for d in _search_dirs(name, data_dir)) if data_dir else "--data-dir PATH"
+    return FileNotFoundError(
+        f"{name}: data files not found; put {expected} in {where} (files are never downloaded)")
+
+
+def _load_mnist_like(name: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    stem = name.replace("-", "_")
+    expected = (f"{_MNIST_FILES['train']}[.gz] and {_MNIST_FILES['test']}[.gz] (IDX), "
+                f"or {name}.npz / {stem}.npz with arrays x_train and x_test")
+    if data_dir is None:
+        raise _missing(name, data_dir, expected)
+    npz = _find(name, data_dir, [f"{name}.npz", f"{stem}.npz"])
+    if npz is not None:
+        with np.load(npz) as f:
+            return _to_unit(f["x_train"]), _to_unit(f["x_test"])
+    splits = []
+    for split in ("train", "test"):
+        base = _MNIST_FILES[split]
+        path = _find(name, data_dir, [base + ".gz", base, base.replace("-idx", ".idx")])
+        if path is None:
+            raise _missing(name, data_dir, expected)
+        splits.append(_to_unit(read_idx(path)))
+    return splits[0], splits[1]
+
+
+def _load_omniglot(data_dir) -> tuple[np.ndarray, np.ndarray]:
+    expected = ("omniglot.npz with arrays x_train and x_test, or Burda et al.'s chardata.mat "
+                "(keys data and testdata)")
+    if data_dir is None:
+        raise _missing("omniglot", data_dir, expected)
+    npz = _find("omniglot", data_dir, ["omniglot.npz"])
+    if npz is not None:
+        with np.load(npz) as f:
+            return _to_unit(f["x_train"]), _to_unit(f["x_test"])
+    mat = _find("omniglot", data_dir, ["chardata.mat"])
+    if mat is None:
+        raise _missing("omniglot", data_dir, expected)
+    from scipy.io import loadmat  # only needed for this format
+
+    raw = loadmat(mat)
+
+    def images(a):  # stored (784, N) with column-major 28x28 images
+        return a.T.reshape((-1, 28, 28), order="F").reshape(-1, 784)
+
+    return _to_unit(images(raw["data"])), _to_unit(images(raw["testdata"]))
+
+
+def _split_validation(x_train: np.ndarray, validation_size: int, seed: int):
+    if not 0 <= validation_size < len(x_train):
+        raise ValueError(f"validation_size must be in [0, {len(x_train)}), got {validation_size}")
+    perm = np.random.default_rng(seed).permutation(len(x_train))
+    val = perm[:validation_size]
+    return x_train[np.sort(perm[validation_size:])], x_train[np.sort(val)]
+
+
+def load(name: str = "digits", data_dir: str | os.PathLike | None = None, *,
+         validation_size: int | None = None, split_seed: int = 0) -> Dataset:
+    """Loads a data set as flat float32 images in [0, 1].
+
+    Args:
+      name: one of :data:`DATASETS`.
+      data_dir: directory holding the files of ``mnist``, ``fashion-mnist`` and
+        ``omniglot`` (searched in ``data_dir/<name>/`` then ``data_dir/``). Unused
+        for ``digits``.
+      validation_size: rows of the training file held out for validation (default:
+        300 of digits' 1497 non-test images, 5000 for the others); 0 for none.
+      split_seed: seed of the fixed split (digits: train / validation / test; others:
+        train / validation, the test file is the test set).
+
+    Returns:
+      A :class:`Dataset`.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        x = load_digits().images.reshape(-1, 64).astype(np.float32) / 16.0
+        perm = np.random.default_rng(split_seed).permutation(len(x))
+        test_size = 300
+        x_test = x[np.sort(perm[:test_size])]
+        x_rest = x[np.sort(perm[test_size:])]
+        x_train, x_val = _split_validation(x_rest, 300 if validation_size is None else validation_size,
+                                           split_seed + 1)
+        return Dataset("digits", x_train, x_val, x_test, (8, 8), False)
+    if name == "omniglot":
+        x_train, x_test = _load_omniglot(data_dir)
+    else:
+        x_train, x_test = _load_mnist_like(name, data_dir)
+    x_train, x_val = _split_validation(x_train, 5000 if validation_size is None else validation_size,
+                                       split_seed)
+    side = int(round(np.sqrt(x_train.shape[1])))
+    shape = (side, side) if side * side == x_train.shape[1] else (1, x_train.shape[1])
+    binary = bool(np.all((x_train == 0) | (x_train == 1)))
+    return Dataset(name, x_train, x_val, x_test, shape, binary)
+
+
+def binarize(x: np.ndarray, seed: int | tuple[int, ...]) -> np.ndarray:
+    """One Bernoulli draw per pixel: ``x_bin = (u < x)`` with ``u ~ U[0, 1)`` from ``seed``."""
+    u = np.random.default_rng(seed).random(x.shape, dtype=np.float32)
+    return (u < x).astype(x.dtype)
+
+
+def evaluation_split(data: Dataset, split: str, binarization: str = "dynamic") -> np.ndarray:
+    """The ``validation`` or ``test`` split as the model sees it at evaluation.
+
+    With ``binarization`` ``dynamic`` or ``static`` the grey values are binarised once
+    with the fixed key :data:`EVAL_BINARIZATION_SEED` (and the split's name), so every
+    evaluation of every run uses the same binary images.
+    """
+    if split not in ("validation", "test", "train"):
+        raise ValueError(f"unknown split {split!r}; valid choices: train, validation, test")
+    _check_binarization(binarization)
+    x = getattr(data, split)
+    if binarization == "none" or data.binary:
+        return x
+    return binarize(x, (EVAL_BINARIZATION_SEED, ("train", "validation", "test").index(split)))
+
+
+def _check_binarization(binarization: str) -> None:
+    if binarization not in BINARIZE:
+        raise ValueError(f"unknown binarization {binarization!r}; valid choices: {', '.join(BINARIZE)}")
+
+
+class BatchIterator:
+    """Seeded, resumable mini-batches of one array.
+
+    ``batch(step)`` is a pure function of ``(seed, step)``: epoch
+    ``e = step // steps_per_epoch`` shuffles the rows with a permutation drawn from
+    ``(seed, e)`` and drops the last incomplete batch; with ``binarization="dynamic"``
+    each batch is binarised with a fresh draw keyed by ``(seed, e, i)``, so each image
+    gets a new binarisation every epoch; ``"static"`` binarises the whole array once
+    (from ``seed``); ``"none"`` keeps grey values.
+
+    Example:
+      >>> it = BatchIterator(np.full((10, 4), 0.5, np.float32), batch_size=4, seed=0)
+      >>> it.steps_per_epoch, it.batch(3).shape
+      (2, (4, 4))
+    """
+
+    def __init__(self, x: np.ndarray, batch_size: int, seed: int, binarization: str = "dynamic"):
+        _check_binarization(binarization)
+        if not 1 <= batch_size <= len(x):
+            raise ValueError(f"batch_size must be in [1, {len(x)}] (the number of rows), got {batch_size}")
+        self.x = x
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.binarization = binarization
+        self.steps_per_epoch = len(x) // self.batch_size
+        if binarization == "static":
+            self.x = binarize(x, (self.seed, 2**31 - 1))
+        self._perm_epoch = -1
+        self._perm = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.x))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> np.ndarray:
+        """The batch of global step ``step`` (0-based), shape ``(batch_size, D)``."""
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        idx = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        xb = self.x[idx]
+        if self.binarization == "dynamic":
+            xb = binarize(xb, (self.seed, epoch, i))
+        return xb
+
+    def __call__(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(step, batch)`` from ``start_step`` (forever if ``num_steps`` is None)."""
+        step = int(start_step)
+        end = None if num_steps is None else step + int(num_steps)
+        while end is None or step < end:
+            yield step, self.batch(step)
+            step += 1

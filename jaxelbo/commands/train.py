@@ -1,0 +1,289 @@
+"""``jaxelbo train``: train the Burda et al. (2016) VAE with a chosen objective and estimator.
+
+Writes into ``--out``: ``config.json`` (the settings), ``metrics.jsonl`` (training and
+validation records), ``checkpoints/`` (orbax), ``summary.json`` (every evaluation
+number, settings, device, versions, wall times), ``curves.png``,
+``reconstructions.png`` and ``samples.png``. ``--resume`` continues an interrupted run
+from its last checkpoint and reaches the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = {
+    "dataset": "digits", "data_dir": None, "objective": "iwae", "estimator": "dreg", "num_samples": 64,
+    "num_outer": None, "beta": 0.5, "alpha": 0.5, "steps": 3000, "batch_size": 64, "seed": 0,
+    "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
+    "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
+    "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
+}
+# Settings that must match when a run is resumed.
+_RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
+                "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
+                "binarization", "validation_size")
+DATASET_CHOICES = ("digits", "mnist", "fashion-mnist", "omniglot")  # = jaxelbo.data.DATASETS (no jax import)
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--hidden takes comma-separated widths like 200,200, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--hidden widths must be positive integers, got {text!r}")
+    return widths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``jaxelbo train`` (no heavy imports here)."""
+    d = DEFAULTS
+    parser.add_argument("--dataset", choices=DATASET_CHOICES, default=d["dataset"],
+                        help="data set (digits needs no files; the others read --data-dir)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the mnist/fashion-mnist/omniglot files")
+    parser.add_argument("--objective", default=d["objective"],
+                        help="elbo, iwae, miwae, ciwae, piwae, renyi or rws (default iwae)")
+    parser.add_argument("--estimator", default=d["estimator"],
+                        help="reparam, stl, dreg, score or vimco; must suit the objective (default dreg)")
+    parser.add_argument("--num-samples", type=int, default=d["num_samples"],
+                        help="sample budget K per example (miwae/piwae: num_outer x num_inner = K; "
+                        "default 64)")
+    parser.add_argument("--num-outer", type=int, default=None,
+                        help="M of miwae/piwae; num_inner = num_samples / M (default sqrt(K))")
+    parser.add_argument("--beta", type=float, default=d["beta"], help="ciwae mixing weight (default 0.5)")
+    parser.add_argument("--alpha", type=float, default=d["alpha"], help="renyi order alpha (default 0.5)")
+    parser.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps (default 3000)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
+                        help="examples per step (default 64)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of init, batches and samples")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<objective>-"
+                        "<estimator>-k<K>-s<seed>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="Adam step size")
+    parser.add_argument("--guide-learning-rate", type=float, default=None,
+                        help="encoder (phi) step size if different from --learning-rate")
+    parser.add_argument("--hidden", type=_hidden, default=d["hidden"],
+                        help="encoder hidden widths, decoder mirrored (default 200,200)")
+    parser.add_argument("--latent-dim", type=int, default=d["latent_dim"], help="latent size (default 50)")
+    parser.add_argument("--binarization", choices=("dynamic", "static", "none"), default=d["binarization"],
+                        help="dynamic: fresh Bernoulli draw each epoch (default)")
+    parser.add_argument("--validation-size", type=int, default=None, help="rows held out from training")
+    parser.add_argument("--eval-every", type=int, default=d["eval_every"], help="steps between validations")
+    parser.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                        help="steps between checkpoints")
+    parser.add_argument("--log-every", type=int, default=d["log_every"], help="steps between metric records")
+    parser.add_argument("--eval-num-samples", type=int, default=d["eval_num_samples"],
+                        help="K of the test log-likelihood estimate (default 5000; 0 skips it)")
+    parser.add_argument("--eval-chunk-size", type=int, default=d["eval_chunk_size"],
+                        help="samples per chunk of the log-likelihood estimate")
+    parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host runs)")
+    parser.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
+    parser.add_argument("--process-id", type=int, default=None, help="rank of this process")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The run's settings (every key of :data:`DEFAULTS`) from parsed flags."""
+    return {k: getattr(args, k, v) for k, v in DEFAULTS.items()}
+
+
+def default_out(settings: dict) -> str:
+    s = settings
+    return f"runs/{s['dataset']}-{s['objective']}-{s['estimator']}-k{s['num_samples']}-s{s['seed']}"
+
+
+def environment() -> dict:
+    """Device, versions and date, as every jaxelbo output records them."""
+    import datetime
+    import importlib.metadata as md
+    import platform
+
+    import jax
+
+    import jaxelbo
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    dev = jax.devices()[0]
+    return {"device": {"platform": dev.platform, "device_kind": dev.device_kind,
+                       "device_count": jax.device_count(), "process_count": jax.process_count()},
+            "versions": {"jaxelbo": jaxelbo.__version__, "jax": jax.__version__, "jaxlib": version("jaxlib"),
+                         "flax": version("flax"), "optax": version("optax"),
+                         "orbax-checkpoint": version("orbax-checkpoint"),
+                         "python": platform.python_version()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def validate(settings: dict) -> None:
+    """Raises ValueError (one line, naming the valid choices) before any training."""
+    from jaxelbo import training
+
+    training.check_objective(settings["objective"], settings["estimator"])
+    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every"):
+        if int(settings[key]) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]}")
+    for key in ("eval_every", "checkpoint_every", "eval_num_samples"):
+        if int(settings[key]) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
+
+
+def build_experiment(settings: dict):
+    """``(dataset, vae, loss_fn, optimizer)`` for ``settings`` (validated first)."""
+    import jax
+
+    from jaxelbo import data, training
+    from jaxelbo.models import vae
+
+    validate(settings)
+    ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
+    net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
+                    latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train))
+    loss_fn = training.make_loss(net.model, net.guide, settings["objective"], settings["estimator"],
+                                 num_samples=settings["num_samples"], num_outer=settings["num_outer"],
+                                 beta=settings["beta"], alpha=settings["alpha"])
+    optimizer = training.make_optimizer(settings["learning_rate"],
+                                        guide_learning_rate=settings["guide_learning_rate"])
+    return ds, net, loss_fn, optimizer
+
+
+def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool = False, progress: bool = True,
+                       plots: bool = True, cache: dict | None = None) -> dict:
+    """Trains, evaluates on the test set and writes every output; returns the summary.
+
+    ``cache`` (a dict kept by the caller) reuses the compiled step of the same
+    objective/estimator/architecture across calls, e.g. over the seeds of a benchmark.
+    """
+    import jax
+    import numpy as np
+
+    from jaxelbo import data, evaluation, sharding, training
+
+    t_start = time.perf_counter()
+    main_process = jax.process_index() == 0
+    out = Path(out) if out is not None else None
+    if out is not None and main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "config.json"
+        if resume and cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())["settings"]
+            diff = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
+            if diff:
+                raise ValueError("--resume with settings that differ from the saved run: "
+                                 + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})"
+                                             for k in diff))
+    ds, net, loss_fn, optimizer = build_experiment(settings)
+    if out is not None and main_process:
+        (out / "config.json").write_text(json.dumps({"settings": settings, "vae": net.config,
+                                                     "image_shape": list(ds.image_shape)}, indent=1))
+    params = net.params
+    key = (settings["objective"], settings["estimator"], settings["num_samples"], settings["num_outer"],
+           settings["beta"], settings["alpha"], tuple(settings["hidden"]), settings["latent_dim"],
+           ds.data_dim, settings["learning_rate"], settings["guide_learning_rate"])
+    if cache is not None and key in cache:
+        step_fn, net = cache[key]  # same functions, this seed's params
+    else:
+        step_fn = training.make_train_step(loss_fn, optimizer)
+        if cache is not None:
+            cache[key] = (step_fn, net)
+    opt_state = optimizer.init(params)
+
+    mesh = None
+    put_batch = None
+    if jax.device_count() > 1:
+        mesh = sharding.data_mesh()
+        params, opt_state = sharding.replicate(mesh, (params, opt_state))
+        put_batch = lambda xb: sharding.shard_batch(mesh, xb)  # noqa: E731
+
+    batches = data.BatchIterator(ds.train, settings["batch_size"], settings["seed"], settings["binarization"])
+    x_val = data.evaluation_split(ds, "validation", settings["binarization"]) if len(ds.validation) else None
+    eval_fn = None
+    if x_val is not None and settings["eval_every"]:
+        val = evaluation.validation_fn(net.model, net.guide, x_val, seed=settings["seed"])
+        eval_fn = (lambda p: jax.tree.map(float, val(p)))
+    result = training.train(step_fn, params, opt_state, batches, num_steps=settings["steps"],
+                            seed=settings["seed"], out_dir=out if main_process or out is None else None,
+                            resume=resume, eval_fn=eval_fn, eval_every=settings["eval_every"],
+                            log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
+                            progress=progress and main_process, put_batch=put_batch)
+    train_seconds = result.wall_seconds
+    params = sharding.gather(result.params) if mesh is not None else result.params
+    params = jax.tree.map(jax.numpy.asarray, params)
+
+    t_eval = time.perf_counter()
+    x_test = data.evaluation_split(ds, "test", settings["binarization"])
+    test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
+                               x_test, encode=net.encode, num_samples_ll=settings["eval_num_samples"],
+                               chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"])
+    eval_seconds = time.perf_counter() - t_eval
+    train_records = [r for r in result.history if r["split"] == "train"]
+    val_records = [r for r in result.history if r["split"] == "validation"]
+    rates = [r["steps_per_second"] for r in (train_records[1:] or train_records)]
+    summary = {
+        "settings": settings,
+        "test": test,
+        "validation": val_records[-1] if val_records else None,
+        "final_train": train_records[-1] if train_records else None,
+        "steps": result.step,
+        "skipped_steps": int(train_records[-1]["skipped_steps"]) if train_records else 0,
+        "num_params": int(sum(np.size(a) for a in jax.tree.leaves(params))),
+        "steps_per_second": float(np.median(rates)) if rates else None,
+        "train_data": {"name": ds.name, "train": len(ds.train), "validation": len(ds.validation),
+                       "test": len(ds.test), "data_dim": ds.data_dim},
+        "wall_seconds": {"train": train_seconds, "evaluate": eval_seconds,
+                         "total": time.perf_counter() - t_start},
+        **environment(),
+    }
+    if out is not None and main_process:
+        if plots:
+            from jaxelbo import plotting_train
+
+            t0 = time.perf_counter()
+            records = training.read_metrics(out / "metrics.jsonl")
+            plotting_train.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
+                                    settings["latent_dim"], seed=settings["seed"],
+                                    title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
+                                          f"K={settings['num_samples']}")
+            summary["wall_seconds"]["plots"] = time.perf_counter() - t0
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    t = summary["test"]
+    parts = [f"test log p(x) ~ {t['log_likelihood']:.3f} +- {t['log_likelihood_stderr']:.3f}"
+             if "log_likelihood" in t else None,
+             f"IWAE-64 {t['iwae_64']:.3f}", f"ELBO {t['elbo']:.3f}",
+             f"active units {t['active_units']}" if "active_units" in t else None,
+             f"skipped steps {summary.get('skipped_steps', 0)}",
+             f"train {summary['wall_seconds']['train']:.1f} s"]
+    return ", ".join(p for p in parts if p)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        from jaxelbo import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        validate(settings)
+        out = args.out or default_out(settings)
+        summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxelbo train: error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"{out}: {format_summary(summary)}")
+    return 0

@@ -1,0 +1,148 @@
+"""Evaluation of a trained VAE on a held-out set.
+
+Reports, as plain floats:
+
+* ``log_likelihood``: ``(1/N) sum_n log p(x_n)`` estimated by IWAE with K = 5000
+  (Burda et al. 2016), streamed in chunks by :func:`jaxelbo.log_likelihood`, with its
+  standard error over the N points;
+* ``iwae_64``: the IWAE bound with K = 64; ``elbo``: the ELBO (estimated with the same
+  64 samples, ``mean_k log w_k``);
+* ``active_units``: the number of latent dimensions with ``Var_x(E_q[z_i | x]) > 0.01``
+  (Burda et al. 2016, section 5.2);
+* ELBO surgery (Hoffman & Johnson 2016) via :func:`jaxelbo.elbo_surgery`:
+  ``reconstruction``, ``index_code_mi``, ``marginal_kl``, ``avg_kl``.
+
+References:
+  Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
+  Hoffman & Johnson (2016), "ELBO surgery", NIPS workshop on Advances in Approximate
+  Bayesian Inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxelbo as je
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def active_units(encode: Callable, phi, x: jax.Array, threshold: float = ACTIVE_UNIT_THRESHOLD
+                 ) -> tuple[int, np.ndarray]:
+    """Burda et al.'s active units: ``A_u = Var_x(E_{q(z|x)}[z_u]) > threshold``.
+
+    Args:
+      encode: ``(phi, x) -> (mean, std)`` of the Gaussian guide, batched over ``x``.
+      phi: guide parameters.
+      x: ``(N, D)`` data.
+
+    Returns:
+      ``(count, per-unit variances)``.
+    """
+    mean, _ = jax.jit(encode)(phi, jnp.asarray(x))
+    var = np.asarray(jnp.var(mean, axis=0))
+    return int(np.sum(var > threshold)), var
+
+
+def _batches(x: np.ndarray, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]
+
+
+def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: np.ndarray, *,
+             encode: Callable | None = None, num_samples_ll: int = 5000, chunk_size: int = 500,
+             num_samples_iwae: int = 64, batch_size: int = 100, surgery: bool = True,
+             surgery_chunk_size: int = 256) -> dict:
+    """All evaluation numbers of ``params`` on ``x`` (``(N, D)``), as a dict of floats.
+
+    Args:
+      model, guide, params: the VAE.
+      rng: PRNG key (each quantity and each batch gets its own fold).
+      x: the evaluation set (already binarised, see :func:`jaxelbo.data.evaluation_split`).
+      encode: ``(phi, x) -> (mean, std)`` for the active-unit count (skipped if None).
+      num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000); 0 skips it.
+      chunk_size: samples per chunk of the log-likelihood estimate.
+      num_samples_iwae: K of the reported IWAE bound (and of the ELBO estimate).
+      batch_size: examples per evaluation batch.
+      surgery: compute the ELBO-surgery terms (O(N^2) guide evaluations).
+    """
+    x = np.asarray(x)
+    n = len(x)
+    out: dict = {"num_points": n}
+    bounds = _bounds_fn(model, guide, num_samples_iwae)
+    iw, el = [], []
+    for i, xb in enumerate(_batches(x, batch_size)):
+        a, b = bounds(params, jax.random.fold_in(jax.random.fold_in(rng, 1), i), jnp.asarray(xb))
+        iw.append(np.asarray(a))
+        el.append(np.asarray(b))
+    iw, el = np.concatenate(iw), np.concatenate(el)
+    out[f"iwae_{num_samples_iwae}"] = float(iw.mean())
+    out["elbo"] = float(el.mean())
+
+    if num_samples_ll:
+        ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, chunk_size)
+        ll = np.concatenate([np.asarray(ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i),
+                                              jnp.asarray(xb)))
+                             for i, xb in enumerate(_batches(x, batch_size))])
+        out["log_likelihood"] = float(ll.mean())
+        out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        out["log_likelihood_num_samples"] = int(num_samples_ll)
+
+    if encode is not None:
+        out["active_units"], _ = active_units(encode, params["guide"], x)
+
+    if surgery:
+        s = _surgery_fn(model, guide, surgery_chunk_size)(params, jax.random.fold_in(rng, 2), jnp.asarray(x))
+        for field in ("elbo", "reconstruction", "index_code_mi", "marginal_kl", "avg_kl"):
+            out[f"surgery_{field}"] = float(getattr(s, field))
+        out["surgery_log_num_points"] = math.log(n)
+    return out
+
+
+# Compiled evaluation functions, cached per (model, guide, sizes) so that evaluating many
+# runs of the same architecture (benchmarks) compiles each once.
+@functools.lru_cache(maxsize=32)
+def _bounds_fn(model: je.Model, guide: je.Guide, num_samples: int):
+    @jax.jit
+    def bounds(params, rng, xb):
+        lw = je.log_weights(model, guide, params, rng, xb, num_samples=num_samples)
+        return jax.nn.logsumexp(lw, axis=-1) - math.log(num_samples), jnp.mean(lw, axis=-1)
+
+    return bounds
+
+
+@functools.lru_cache(maxsize=32)
+def _log_likelihood_fn(model: je.Model, guide: je.Guide, num_samples: int, chunk_size: int):
+    return jax.jit(lambda params, rng, xb: je.log_likelihood(model, guide, params, rng, xb,
+                                                             num_samples=num_samples, chunk_size=chunk_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _surgery_fn(model: je.Model, guide: je.Guide, chunk_size: int):
+    return jax.jit(lambda params, rng, xa: je.elbo_surgery(model, guide, params, rng, xa, num_samples=1,
+                                                           chunk_size=chunk_size))
+
+
+def validation_fn(model: je.Model, guide: je.Guide, x: np.ndarray, *, seed: int = 0,
+                  num_samples: int = 64, batch_size: int = 500) -> Callable[[dict], dict]:
+    """``params -> {"iwae_<K>", "elbo"}`` on ``x`` with a fixed key: the loop's validation."""
+    x = jnp.asarray(x)
+
+    @jax.jit
+    def fn(params):
+        rng = jax.random.key(seed)
+        iws, els = [], []
+        for i in range(0, x.shape[0], batch_size):
+            lw = je.log_weights(model, guide, params, jax.random.fold_in(rng, i), x[i:i + batch_size],
+                                num_samples=num_samples)
+            iws.append(jax.nn.logsumexp(lw, axis=-1) - math.log(num_samples))
+            els.append(jnp.mean(lw, axis=-1))
+        return {f"iwae_{num_samples}": jnp.mean(jnp.concatenate(iws)), "elbo": jnp.mean(jnp.concatenate(els))}
+
+    return fn

@@ -1,0 +1,97 @@
+"""Data parallelism: the batch is sharded over every device, the parameters replicated.
+
+A one-axis mesh ``("data",)`` spans all devices (of all processes after
+:func:`initialize_distributed`). Batches are placed with ``NamedSharding(mesh,
+P("data"))`` and parameters with ``NamedSharding(mesh, P())``; the jit-compiled train
+step then runs the per-example work where each shard lives and XLA inserts the
+all-reduce of the batch mean (loss and gradients), so sharded and single-device runs
+agree up to float summation order.
+
+Every process computes the *same* global batch from ``(seed, step)``
+(:class:`jaxelbo.data.BatchIterator`) and hands each local device its slice through
+``jax.make_array_from_callback``, so multi-host runs need no data exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           *, cpu_collectives: str | None = "gloo") -> bool:
+    """Calls ``jax.distributed.initialize`` when a coordinator is given.
+
+    Args:
+      coordinator: ``host:port`` of process 0 (None: single process, nothing done).
+      num_processes, process_id: this job's size and this process's rank.
+      cpu_collectives: CPU collectives implementation for cross-process reductions on
+        CPU (``"gloo"``); None leaves the JAX default.
+
+    Returns:
+      Whether the distributed runtime was initialised.
+    """
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise ValueError("--num-processes/--process-id need --coordinator host:port")
+        return False
+    if num_processes is None or process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+    """A one-axis mesh ``("data",)`` over the first ``num_devices`` devices (default: all)."""
+    n = jax.device_count() if num_devices is None else int(num_devices)
+    if num_devices is None:
+        return jax.make_mesh((n,), (DATA_AXIS,))
+    return Mesh(np.asarray(jax.devices()[:n]), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``"data"``."""
+    return NamedSharding(mesh, jax.P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full array on every device."""
+    return NamedSharding(mesh, jax.P())
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
+    """The global batch ``x`` (identical on every process) split over ``"data"``."""
+    n = mesh.shape[DATA_AXIS]
+    if np.shape(x)[0] % n:
+        raise ValueError(f"batch size {np.shape(x)[0]} must be divisible by the number of devices ({n})")
+    return _global_array(x, batch_sharding(mesh))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Every array leaf of ``tree`` replicated over the mesh (works across processes)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda a: _global_array(np.asarray(a), sharding), tree)
+
+
+def gather(tree: Any) -> Any:
+    """Host numpy copies of (replicated or sharded) global arrays, on every process."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)

@@ -53,6 +53,7 @@ PyTree = Any
 LossFn = Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, Any]]
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
+MAX_AUTO_CHUNK = 2048  # replicates per compiled call when memory allows; larger gains little
 GROUP_NAMES = {"model": "theta", "guide": "phi"}
 
 __all__ = [
@@ -226,22 +227,22 @@ def _chunk_program(loss_fns: Mapping[str, LossFn], pairs: Sequence[tuple[str, st
     return program
 
 
-def _auto_chunk_size(program: Callable, args: tuple, probe: int, num_replicates: int,
-                     budget_bytes: int, multiple: int) -> int:
-    """Largest chunk whose temporary buffers fit ``budget_bytes``, measured by compiling a
-    probe chunk of ``probe`` replicates and scaling its ``memory_analysis`` linearly."""
-    params, keys, mask, x = args
-    try:
-        stats = jax.jit(program).lower(params, keys[:probe], mask[:probe], x).compile().memory_analysis()
-        per_replicate = max(int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes), 1) / probe
-    except Exception:  # memory analysis is not available on every backend
-        per_replicate = None
-    if not per_replicate:
-        chunk = 256
-    else:
-        chunk = int(budget_bytes // per_replicate)
-    chunk = max(multiple, min(chunk, num_replicates))
+def _balanced_chunk(limit: int, num_replicates: int, multiple: int) -> int:
+    """The chunk size, a multiple of ``multiple`` and at most about ``limit``, that splits
+    ``num_replicates`` into the fewest, most even chunks (so padding stays small)."""
+    limit = max(multiple, min(limit, num_replicates))
+    num_chunks = -(-num_replicates // limit)
+    chunk = -(-num_replicates // num_chunks)
     return -(-chunk // multiple) * multiple
+
+
+def _temp_bytes(compiled: Any) -> int | None:
+    """Temporary plus output bytes from XLA's memory analysis (``None`` if unavailable)."""
+    try:
+        stats = compiled.memory_analysis()
+        return int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
 
 
 def gradient_moments(
@@ -274,9 +275,10 @@ def gradient_moments(
       num_replicates: ``R``, the number of independent gradient draws.
       pairs: ``(a, b)`` names whose paired difference ``g_a - g_b`` is also summarised
         (returned under the key ``"a-b"``), for bias tests with :func:`paired_t`.
-      chunk_size: replicates per compiled call; ``None`` picks the largest that fits
-        ``memory_budget_bytes`` (from XLA's memory analysis). Rounded up to a multiple of
-        the number of devices; the last chunk is padded and masked.
+      chunk_size: most replicates per compiled call; ``None`` picks up to 2048, fewer when
+        XLA's memory analysis says they would not fit ``memory_budget_bytes``. Chunks are
+        evened out and rounded up to a multiple of the number of devices; the last one is
+        padded with masked replicates.
       mesh: a :class:`jax.sharding.Mesh` whose axes all shard the replicate axis;
         ``None`` uses every device when there are several, ``False`` disables sharding.
       memory_budget_bytes: memory budget for one chunk's temporaries.
@@ -311,31 +313,41 @@ def gradient_moments(
     multiple = 1 if mesh is None else int(np.prod(list(mesh.shape.values())))
     program = _chunk_program(loss_fns, pairs)
     keys = jax.random.split(rng, num_replicates)
-    mask = jnp.ones((num_replicates,), bool)
-
-    if chunk_size is None:
-        chunk_size = _auto_chunk_size(program, (params, keys, mask, x), min(num_replicates, 8 * multiple),
-                                      num_replicates, memory_budget_bytes, multiple)
-    else:
-        chunk_size = -(-int(chunk_size) // multiple) * multiple
-    num_chunks = -(-num_replicates // chunk_size)
-    padded = num_chunks * chunk_size
-    if padded > num_replicates:  # pad with (masked) copies of the first keys
-        reps = -(-padded // num_replicates)
-        keys = jnp.concatenate([keys] * reps)[:padded]
-        mask = jnp.arange(padded) < num_replicates
 
     if mesh is not None:
-        axes = tuple(mesh.axis_names)
-        sharded = jax.sharding.NamedSharding(mesh, jax.P(axes))
+        sharded = jax.sharding.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
         replicated = jax.sharding.NamedSharding(mesh, jax.P())
         params = jax.device_put(params, replicated)
         x = jax.device_put(x, replicated)
-        compiled = jax.jit(program, in_shardings=(replicated, sharded, sharded, replicated),
-                           out_shardings=replicated)
+        jitted = jax.jit(program, in_shardings=(replicated, sharded, sharded, replicated),
+                         out_shardings=replicated)
     else:
         sharded = None
-        compiled = jax.jit(program)
+        jitted = jax.jit(program)
+
+    def compile_for(chunk):
+        key_spec = jax.ShapeDtypeStruct((chunk,), keys.dtype, sharding=sharded)
+        mask_spec = jax.ShapeDtypeStruct((chunk,), jnp.bool_, sharding=sharded)
+        return jitted.lower(params, key_spec, mask_spec, x).compile()
+
+    if chunk_size is None:
+        # compile once at a generous size; shrink (and recompile) only if it would not fit
+        chunk_size = _balanced_chunk(MAX_AUTO_CHUNK, num_replicates, multiple)
+        compiled = compile_for(chunk_size)
+        used = _temp_bytes(compiled)
+        if used is not None and used > memory_budget_bytes:
+            limit = int(memory_budget_bytes // (used / chunk_size))
+            chunk_size = _balanced_chunk(limit - limit % multiple, num_replicates, multiple)
+            compiled = compile_for(chunk_size)
+    else:
+        chunk_size = _balanced_chunk(int(chunk_size), num_replicates, multiple)
+        compiled = compile_for(chunk_size)
+
+    num_chunks = -(-num_replicates // chunk_size)
+    padded = num_chunks * chunk_size
+    mask = jnp.arange(padded) < num_replicates
+    if padded > num_replicates:  # pad with (masked) copies of the first keys
+        keys = jnp.concatenate([keys] * -(-padded // num_replicates))[:padded]
 
     totals: dict[str, Moments] = {}
     for c in range(num_chunks):
@@ -565,15 +577,20 @@ def linear_gaussian_problem(rng: jax.Array, *, dim: int = 20, num_points: int = 
 
     if batch_size < 1 or batch_size > num_points:
         raise ValueError(f"batch_size must be in [1, num_points={num_points}], got {batch_size}")
-    k_mu, k_data, k_noise = jax.random.split(rng, 3)
-    mu_true = jax.random.normal(k_mu, (dim,))
-    data = lg.sample_data(k_data, mu_true, num_points)
-    params = lg.optimal_params(jnp.mean(data, axis=0), scale=scale)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    noise_keys = jax.random.split(k_noise, len(leaves))
-    leaves = [leaf + noise * jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
-              for leaf, k in zip(leaves, noise_keys, strict=True)]
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
+
+    @jax.jit  # one compiled program instead of one per eager random call
+    def draw(rng):
+        k_mu, k_data, k_noise = jax.random.split(rng, 3)
+        mu_true = jax.random.normal(k_mu, (dim,))
+        data = lg.sample_data(k_data, mu_true, num_points)
+        params = lg.optimal_params(jnp.mean(data, axis=0), scale=scale)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        noise_keys = jax.random.split(k_noise, len(leaves))
+        leaves = [leaf + noise * jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
+                  for leaf, k in zip(leaves, noise_keys, strict=True)]
+        return mu_true, data, jax.tree_util.tree_unflatten(treedef, leaves)
+
+    mu_true, data, params = draw(rng)
     return LinearGaussianProblem(lg.model(), lg.guide(scale=scale), params, data[:batch_size], data,
                                  mu_true, scale)
 

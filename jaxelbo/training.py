@@ -135,7 +135,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "bound": jnp.mean(aux["bound"]), "ess": jnp.mean(aux["ess"]),
-                   "grad_norm": optax.global_norm(grads), "skipped_steps": skipped_steps(opt_state)}
+                   "grad_norm": optax.tree.norm(grads), "skipped_steps": skipped_steps(opt_state)}
         return params, opt_state, metrics
 
     if not jit:

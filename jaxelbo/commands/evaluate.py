@@ -1,0 +1,68 @@
+"""``jaxelbo evaluate DIR``: re-evaluate a run saved by ``jaxelbo train``.
+
+Rebuilds the VAE from ``DIR/config.json``, restores the last (or ``--step``) orbax
+checkpoint and writes ``DIR/evaluation.json``: test log-likelihood (IWAE with K = 5000),
+IWAE-64, ELBO, active units and the ELBO-surgery terms, with device, versions and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="output directory of a jaxelbo train run")
+    parser.add_argument("--split", choices=("test", "validation"), default="test", help="set to evaluate on")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--eval-num-samples", type=int, default=5000,
+                        help="K of the log-likelihood estimate (default 5000; 0 skips it)")
+    parser.add_argument("--eval-chunk-size", type=int, default=500, help="samples per chunk")
+    parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
+    parser.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's)")
+    parser.add_argument("--data-dir", default=None, help="override the run's --data-dir")
+    parser.add_argument("--out", default=None, help="JSON file to write (default DIR/evaluation.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        print(f"jaxelbo evaluate: error: {cfg_path} not found (is {run_dir} a jaxelbo train output?)",
+              file=sys.stderr)
+        return 2
+    import jax
+
+    from jaxelbo import data, evaluation, training
+    from jaxelbo.commands.train import environment
+    from jaxelbo.models import vae
+
+    cfg = json.loads(cfg_path.read_text())
+    settings = cfg["settings"]
+    try:
+        ds = data.load(settings["dataset"], args.data_dir or settings["data_dir"],
+                       validation_size=settings["validation_size"])
+        net = vae.rebuild(cfg["vae"])
+        optimizer = training.make_optimizer(settings["learning_rate"],
+                                            guide_learning_rate=settings["guide_learning_rate"])
+        step, params, _ = training.restore_checkpoint(run_dir / "checkpoints", net.params,
+                                                      optimizer.init(net.params), step=args.step)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
+        return 2
+    seed = settings["seed"] if args.seed is None else args.seed
+    t0 = time.perf_counter()
+    x = data.evaluation_split(ds, args.split, settings["binarization"])
+    result = evaluation.evaluate(net.model, net.guide, params, jax.random.key(seed + 10_000), x,
+                                 encode=net.encode, num_samples_ll=args.eval_num_samples,
+                                 chunk_size=args.eval_chunk_size, surgery=args.surgery)
+    record = {"run_dir": str(run_dir), "step": step, "split": args.split, args.split: result,
+              "wall_seconds": time.perf_counter() - t0, **environment()}
+    out = Path(args.out) if args.out else run_dir / "evaluation.json"
+    out.write_text(json.dumps(record, indent=1))
+    parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()]
+    print(f"{run_dir} step {step} ({args.split}): " + ", ".join(parts))
+    return 0

@@ -1,0 +1,199 @@
+"""Tests of jaxelbo.training, jaxelbo.evaluation and the train/evaluate commands."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxelbo as je
+from jaxelbo import data, evaluation, training
+from jaxelbo.models import vae
+
+D = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    net = vae.build(jax.random.key(0), D, hidden=(16,), latent_dim=3)
+    x = data.BatchIterator(data.load().train, 8, seed=0)
+    return net, x
+
+
+@pytest.mark.parametrize("objective", list(je.OBJECTIVES))
+def test_make_loss_builds_every_objective(tiny, objective):
+    net, it = tiny
+    estimator = je.OBJECTIVES[objective][-1]
+    loss_fn = training.make_loss(net.model, net.guide, objective, estimator, num_samples=4)
+    loss, aux = jax.eval_shape(loss_fn, net.params, jax.random.key(0), jnp.asarray(it.batch(0)))
+    chex.assert_shape(loss, ())
+    expected = (8, 2, 2) if objective in training.NESTED_OBJECTIVES else (8, 4)
+    chex.assert_shape(aux["log_weights"], expected)
+
+
+def test_make_loss_errors_list_valid_choices(tiny):
+    net, _ = tiny
+    with pytest.raises(ValueError, match="valid choices: elbo, iwae"):
+        training.make_loss(net.model, net.guide, "vae", "dreg")
+    with pytest.raises(ValueError, match="valid choices for elbo: reparam, stl, score"):
+        training.make_loss(net.model, net.guide, "elbo", "dreg")
+    with pytest.raises(ValueError, match="divisor"):
+        training.make_loss(net.model, net.guide, "miwae", "dreg", num_samples=64, num_outer=5)
+    with pytest.raises(ValueError, match="only used by"):
+        training.make_loss(net.model, net.guide, "iwae", "dreg", num_outer=8)
+
+
+def test_partition_gives_each_part_its_own_optimizer(tiny):
+    net, it = tiny
+    opt = training.make_optimizer(1e-2, guide_learning_rate=0.0)
+    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+    step = training.make_train_step(loss_fn, opt)
+    params, _, metrics = step(net.params, opt.init(net.params), jax.random.key(0), jnp.asarray(it.batch(0)))
+    chex.assert_trees_all_equal(params["guide"], net.params["guide"])
+    kernel = params["model"]["net"]["out"]["kernel"]
+    assert not np.allclose(kernel, net.params["model"]["net"]["out"]["kernel"])
+    assert set(metrics) == {"loss", "bound", "ess", "grad_norm", "skipped_steps"}
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    params = {"model": {"w": jnp.ones(3)}, "guide": {"v": jnp.ones(2)}}
+
+    def loss_fn(p, rng, x):  # NaN gradient when x has a NaN
+        b = jnp.sum(p["model"]["w"] * x[:, :3], -1) + jnp.sum(p["guide"]["v"])
+        return -jnp.mean(b), {"bound": b, "ess": jnp.ones_like(b)}
+
+    opt = training.make_optimizer(0.1)
+    step = training.make_train_step(loss_fn, opt)
+    state = opt.init(params)
+    bad = jnp.full((2, 3), jnp.nan)
+    p1, state, m = step(params, state, jax.random.key(0), bad)
+    chex.assert_trees_all_equal(p1, params)
+    assert int(m["skipped_steps"]) == 1
+    p2, state, m = step(p1, state, jax.random.key(0), jnp.ones((2, 3)))
+    assert int(m["skipped_steps"]) == 1 and not np.allclose(p2["model"]["w"], 1.0)
+
+
+def test_jit_step_equals_eager():
+    lg = je.models.linear_gaussian
+    params = lg.optimal_params(jnp.zeros(3))
+    params["guide"]["A"] = params["guide"]["A"] + 0.1
+    opt = training.make_optimizer()
+    loss_fn = training.make_loss(lg.model(), lg.guide(), "iwae", "dreg", num_samples=4)
+    args = (params, opt.init(params), jax.random.key(1), jnp.ones((5, 3)))
+    a = training.make_train_step(loss_fn, opt)(*args)
+    b = training.make_train_step(loss_fn, opt, jit=False)(*args)
+    chex.assert_trees_all_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(a[2], b[2], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_reaches_the_same_params(tiny, tmp_path):
+    net, it = tiny
+    opt = training.make_optimizer()
+    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+    step = training.make_train_step(loss_fn, opt)
+    kw = dict(seed=3, log_every=2, progress=False)
+    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "a",
+                              checkpoint_every=4, **kw)
+    training.train(step, net.params, opt.init(net.params), it, num_steps=4, out_dir=tmp_path / "b",
+                   checkpoint_every=4, **kw)
+    # an interrupted second half: its records after the checkpoint must be dropped on resume
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "split": "train", "bound": 0.0}) + "\n")
+    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
+                             resume=True, checkpoint_every=4, **kw)
+    assert resumed.step == 8 and training.latest_step(tmp_path / "b" / "checkpoints") == 8
+    chex.assert_trees_all_equal(straight.params, resumed.params)
+    chex.assert_trees_all_equal(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state))
+    a = training.read_metrics(tmp_path / "a" / "metrics.jsonl")
+    b = training.read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
+    assert [r["bound"] for r in a] == [r["bound"] for r in b]
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    params = {"model": {"w": jnp.arange(3.0)}, "guide": {"v": jnp.ones((2, 2))}}
+    opt = training.make_optimizer()
+    state = opt.init(params)
+    training.save_checkpoint(tmp_path, 7, params, state)
+    step, p, s = training.restore_checkpoint(tmp_path, jax.tree.map(jnp.zeros_like, params), state)
+    assert step == 7
+    chex.assert_trees_all_equal(p, params)
+    assert jax.tree.structure(s) == jax.tree.structure(state)
+    with pytest.raises(FileNotFoundError):
+        training.restore_checkpoint(tmp_path / "none", params, state)
+
+
+def test_training_improves_the_bound(tiny):
+    net, it = tiny
+    opt = training.make_optimizer(3e-3)
+    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+    step = training.make_train_step(loss_fn, opt)
+    val = evaluation.validation_fn(net.model, net.guide, data.evaluation_split(data.load(), "validation"),
+                                   num_samples=8)
+    before = float(val(net.params)["iwae_8"])
+    result = training.train(step, net.params, opt.init(net.params), it, num_steps=300, seed=0, progress=False,
+                            log_every=100)
+    after = float(val(result.params)["iwae_8"])
+    assert after > before + 2.0, (before, after)
+
+
+def test_evaluate_reports_every_number(tiny):
+    net, _ = tiny
+    x = data.evaluation_split(data.load(), "test")[:40]
+    out = evaluation.evaluate(net.model, net.guide, net.params, jax.random.key(0), x, encode=net.encode,
+                              num_samples_ll=200, chunk_size=50, num_samples_iwae=16, batch_size=16)
+    for k in ("log_likelihood", "log_likelihood_stderr", "iwae_16", "elbo", "active_units", "surgery_elbo",
+              "surgery_reconstruction", "surgery_index_code_mi", "surgery_marginal_kl", "surgery_avg_kl"):
+        assert k in out and np.isfinite(out[k]), k
+    assert out["elbo"] <= out["iwae_16"] <= out["log_likelihood"] + 3 * out["log_likelihood_stderr"]
+    assert 0 <= out["active_units"] <= 3
+    assert out["surgery_index_code_mi"] <= np.log(40) + 1e-3
+    mi_plus_kl = out["surgery_index_code_mi"] + out["surgery_marginal_kl"]
+    np.testing.assert_allclose(out["surgery_avg_kl"], mi_plus_kl, rtol=1e-4)
+
+
+def test_active_units_counts_varying_means():
+    def encode(phi, x):
+        return jnp.stack([x[:, 0], 0.01 * x[:, 0], jnp.zeros_like(x[:, 0])], -1), jnp.ones((x.shape[0], 3))
+
+    x = jnp.linspace(-1, 1, 101)[:, None]
+    count, var = evaluation.active_units(encode, None, x)
+    assert count == 1 and var.shape == (3,)
+
+
+def test_cli_rejects_bad_combinations_in_one_line(tmp_path, capsys):
+    from jaxelbo.cli import main
+
+    assert main(["train", "--objective", "elbo", "--estimator", "dreg", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "valid choices for elbo: reparam, stl, score" in err
+    assert main(["train", "--objective", "miwae", "--num-samples", "64", "--num-outer", "5"]) == 2
+    assert "divisor" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_resume_and_evaluate(tmp_path, capsys):
+    from jaxelbo.cli import main
+
+    out = tmp_path / "run"
+    common = ["train", "--steps", "6", "--batch-size", "16", "--num-samples", "4", "--hidden", "16",
+              "--latent-dim", "3", "--eval-num-samples", "50", "--eval-chunk-size", "25", "--eval-every", "3",
+              "--checkpoint-every", "3", "--log-every", "3", "--no-progress", "--out", str(out)]
+    assert main(common) == 0
+    for name in ("metrics.jsonl", "summary.json", "config.json", "curves.png", "reconstructions.png",
+                 "samples.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and "log_likelihood" in summary["test"]
+    assert summary["device"]["platform"] == "cpu" and summary["versions"]["jax"] == jax.__version__
+    assert main([*common, "--resume"]) == 0  # already done: restores step 6, trains nothing
+    assert main(["evaluate", str(out), "--eval-num-samples", "50", "--no-surgery"]) == 0
+    again = json.loads((out / "evaluation.json").read_text())
+    assert again["step"] == 6 and np.isfinite(again["test"]["log_likelihood"])
+    assert main([*common, "--resume", "--seed", "1"]) == 2
+    assert "differ" in capsys.readouterr().err

@@ -26,6 +26,10 @@ FAST = {"num_replicates": 1000, "max_num_samples": 316, "max_num_outer": 32}
 LABELS = {"reparam": "IWAE (reparam)", "stl": "STL", "dreg": "DReG"}
 COLORS = {"reparam": "tab:red", "stl": "tab:blue", "dreg": "tab:green"}
 MARKERS = {"reparam": "o", "stl": "s", "dreg": "^"}
+# the reference lines drawn per (sweep, group); the same numbers as jaxelbo.snr.EXPECTED_SLOPES
+EXPECTED_SLOPES_PLOT = {("num_samples", "any", "theta"): 0.5, ("num_samples", "reparam", "phi"): -0.5,
+                        ("num_samples", "dreg", "phi"): 0.5, ("num_outer", "any", "theta"): 0.5,
+                        ("num_outer", "any", "phi"): 0.5}
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="quick run: R=1000, K up to 316, M up to 32 (explicit flags still win)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--replot", action="store_true",
+                        help="no sweep: rewrite csv, md and png from the snr.json already in --out")
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,62 +237,101 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str, axis: str = "num_samples") -> None:
-    """Two log-log panels (theta, phi): element-mean SNR against K (or M), with the fitted
-    slopes in the legend and reference lines of slope +1/2 and -1/2."""
+    """Two log-log panels (theta, phi): element-mean SNR against K (or M), the fitted slopes
+    with their 95% intervals in the legend, dotted reference lines of the slopes theory
+    predicts, and the K range used for the fit shaded."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = result["k_sweep"] if axis == "num_samples" else result["m_sweep"]
     s = result["settings"]
+    letter = "K" if axis == "num_samples" else "M"
     xs = [r[axis] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
-    for ax, group, title in zip(axes, ("theta", "phi"),
-                                (r"model parameters $\theta$ ($\mu$)", r"guide parameters $\phi$ ($A$, $b$)"),
-                                strict=True):
-        ys_all = []
-        for e in s["estimators"]:
-            ys = [r["estimators"][e]["snr"][group]["mean"] for r in records]
-            ys_all += ys
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.0), constrained_layout=True)
+    panels = (("theta", r"model parameters $\theta$ ($\mu$)"), ("phi", r"guide parameters $\phi$ ($A$, $b$)"))
+    for ax, (group, title) in zip(axes, panels, strict=True):
+        curves = {e: [r["estimators"][e]["snr"][group]["mean"] for r in records] for e in s["estimators"]}
+        # the theta gradient is the same estimator for reparam, stl and dreg (paired keys): one line
+        if group == "theta" and len(curves) > 1:
+            first = next(iter(curves.values()))
+            if all(np.allclose(c, first, rtol=1e-5) for c in curves.values()):
+                curves = {next(iter(curves)): first}
+        for e, ys in curves.items():
             fit = result["slopes"][axis].get(e, {}).get(group)
-            label = LABELS.get(e, e)
-            if e == "reparam" and s["mean_reference"] and group == "phi":
-                label += " (mean from DReG)"
+            if group == "theta" and len(curves) == 1 and len(s["estimators"]) > 1:
+                label = " = ".join(LABELS.get(n, n) for n in s["estimators"]) + " (same gradient)"
+            else:
+                label = LABELS.get(e, e)
+                if e == "reparam" and s["mean_reference"] and group == "phi":
+                    label += ", mean from DReG"
             if fit:
-                label += f": slope {fit['slope']:+.2f} ± {max(fit['ci_high'] - fit['slope'], 0):.2f}"
-            # theta gradients of the three estimators coincide; dashes keep the overlap visible
-            style = "-" if group == "phi" or e == "reparam" else "--"
-            ax.plot(xs, ys, style, marker=MARKERS.get(e, "o"), color=COLORS.get(e), label=label,
-                    ms=5, lw=1.6, alpha=0.9)
-        positive = [y for y in ys_all if y > 0]
-        if positive:
+                half = fit["ci_high"] - fit["slope"]
+                label += f": slope {fit['slope']:+.3f}" + (f" ± {half:.3f}" if math.isfinite(half) else "")
+            color = "0.2" if len(curves) == 1 else COLORS.get(e)
+            ax.plot(xs, ys, "-", marker=MARKERS.get(e, "o"), color=color, label=label, ms=5, lw=1.6)
+            if group == "phi" and e in s["mean_reference"]:
+                own = [r["estimators"][e]["snr_own_mean"][group]["mean"] for r in records]
+                floor = math.sqrt(2 / (math.pi * s["num_replicates"]))
+                ax.plot(xs, own, "--", color=color, alpha=0.45, lw=1.2,
+                        label=f"{LABELS.get(e, e)}, its own sample mean (noise floor ≈ {floor:.3f})")
+        positive = [y for ys in curves.values() for y in ys if y > 0]
+        expected = sorted({v for (a, _, g), v in EXPECTED_SLOPES_PLOT.items() if a == axis and g == group})
+        if positive and len(xs) > 1:
             x0, x1 = min(xs), max(xs)
-            mid = math.exp(0.5 * (math.log(min(positive)) + math.log(max(positive))))
+            # through the middle of the data, shifted down so it does not hide a curve of that slope
+            mid = 0.5 * math.exp(0.5 * (math.log(min(positive)) + math.log(max(positive))))
             xm = math.sqrt(x0 * x1)
-            for slope, text in ((0.5, r"$\propto x^{+1/2}$"), (-0.5, r"$\propto x^{-1/2}$")):
+            for slope in expected:
                 line = [mid * (x / xm) ** slope for x in (x0, x1)]
-                ax.plot([x0, x1], line, ":", color="0.45", lw=1.2)
-                ax.annotate(text.replace("x", "K" if axis == "num_samples" else "M"),
-                            (x1, line[1]), textcoords="offset points", xytext=(-4, 4 if slope > 0 else -12),
-                            ha="right", color="0.35", fontsize=9)
+                ax.plot([x0, x1], line, ":" if slope > 0 else "-.", color="0.45", lw=1.3,
+                        label=f"reference $\\propto {letter}^{{{'+' if slope > 0 else '-'}1/2}}$")
+        fit_lo = s["fit_min"] if axis == "num_samples" else 1
+        if xs and fit_lo > min(xs):
+            ax.axvspan(fit_lo, max(xs), color="0.85", alpha=0.35, lw=0,
+                       label=f"slope fitted on {letter} ≥ {fit_lo}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(title)
-        ax.set_xlabel("K (samples per IWAE bound)" if axis == "num_samples"
-                      else f"M (independent IWAE bounds averaged, K = {s['num_inner']})")
-        ax.set_ylabel("gradient SNR (mean over elements)")
+        ax.set_xlabel("K, importance samples per IWAE bound" if axis == "num_samples"
+                      else f"M, independent IWAE bounds averaged (MIWAE, K = {s['num_inner']})")
+        ax.set_ylabel(r"gradient SNR  $|E[\Delta]|\,/\,\mathrm{std}[\Delta]$, mean over elements")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="best")
-    sweep = "IWAE, SNR against K" if axis == "num_samples" else "MIWAE, SNR against M"
-    fig.suptitle(f"{sweep}: linear-Gaussian D={s['dim']}, R={s['num_replicates']} replicates "
-                 f"(Rainforth et al. 2018; Tucker et al. 2019)", fontsize=11)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    sweep = "IWAE: SNR against K" if axis == "num_samples" else "MIWAE: SNR against M"
+    fig.suptitle(f"{sweep} on the linear-Gaussian toy (D = {s['dim']}, R = {s['num_replicates']:,} "
+                 "replicates per point), after Rainforth et al. 2018 and Tucker et al. 2019", fontsize=11)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
+def write_outputs(result: dict[str, Any], out: str) -> dict[str, str]:
+    """Write snr.json, snr.csv, snr.md, snr.png and snr_m.png under ``out``; returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    names = ("snr.json", "snr.csv", "snr.md", "snr.png", "snr_m.png")
+    paths = {name: os.path.join(out, name) for name in names}
+    with open(paths["snr.json"], "w") as f:
+        json.dump(result, f, indent=1)
+    write_csv(result, paths["snr.csv"])
+    with open(paths["snr.md"], "w") as f:
+        f.write(markdown(result))
+    plot(result, paths["snr.png"], "num_samples")
+    if result["m_sweep"]:
+        plot(result, paths["snr_m.png"], "num_outer")
+    else:
+        del paths["snr_m.png"]
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and write the outputs; returns the exit status."""
+    if args.replot:
+        with open(os.path.join(args.out, "snr.json")) as f:
+            paths = write_outputs(json.load(f), args.out)
+        print("rewrote " + ", ".join(paths.values()))
+        return 0
     try:
         settings = resolve_settings(args)
     except ValueError as e:
@@ -297,7 +342,6 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxelbo.snr import rainforth_experiment
 
-    os.makedirs(args.out, exist_ok=True)
     costs = {("num_samples", k): k for k in settings["k_grid"]}
     costs.update({("num_outer", m): m * settings["num_inner"] for m in settings["m_grid"]})
     bar = tqdm(total=sum(costs.values()), unit="K", desc="snr sweep", disable=args.no_progress,
@@ -315,16 +359,7 @@ def run(args: argparse.Namespace) -> int:
     result["wall_seconds"] = time.perf_counter() - start
     result["environment"] = environment()
 
-    paths = {name: os.path.join(args.out, name) for name in ("snr.json", "snr.csv", "snr.md", "snr.png",
-                                                              "snr_m.png")}
-    with open(paths["snr.json"], "w") as f:
-        json.dump(result, f, indent=1)
-    write_csv(result, paths["snr.csv"])
-    table = markdown(result)
-    with open(paths["snr.md"], "w") as f:
-        f.write(table)
-    plot(result, paths["snr.png"], "num_samples")
-    plot(result, paths["snr_m.png"], "num_outer")
-    print(table)
+    paths = write_outputs(result, args.out)
+    print(markdown(result))
     print("wrote " + ", ".join(paths.values()))
     return 0

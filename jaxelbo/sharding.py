@@ -52,11 +52,15 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
-    """A one-axis mesh ``("data",)`` over the first ``num_devices`` devices (default: all)."""
-    n = jax.device_count() if num_devices is None else int(num_devices)
-    if num_devices is None:
-        return jax.make_mesh((n,), (DATA_AXIS,))
-    return Mesh(np.asarray(jax.devices()[:n]), (DATA_AXIS,))
+    """A one-axis mesh ``("data",)`` over the first ``num_devices`` devices (default: all).
+
+    The axis is ``AxisType.Auto`` (XLA propagates shardings): the per-example keys that
+    jaxelbo splits inside the loss are then sharded like the batch without any change
+    to the core.
+    """
+    devices = jax.devices() if num_devices is None else jax.devices()[: int(num_devices)]
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -226,7 +226,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: int, seed: int,
           out_dir: str | Path | None = None, resume: bool = False,
           eval_fn: Callable[[dict], dict] | None = None, eval_every: int = 0, log_every: int = 50,
-          checkpoint_every: int = 0, progress: bool = True, put_batch: Callable | None = None) -> TrainResult:
+          checkpoint_every: int = 0, progress: bool = True, put_batch: Callable | None = None,
+          write_metrics: bool = True) -> TrainResult:
     """Runs ``num_steps`` steps (total, counting those of a resumed run).
 
     Args:
@@ -243,6 +244,8 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
       checkpoint_every: steps between checkpoints (0: only at the end).
       progress: show a tqdm bar (steps/s, loss, bound).
       put_batch: ``numpy batch -> device array`` (e.g. a sharded ``device_put``).
+      write_metrics: write ``metrics.jsonl`` (in multi-host runs only process 0 does;
+        every process takes part in the orbax checkpoints).
 
     Returns:
       A :class:`TrainResult`.
@@ -251,17 +254,18 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
 
     out = Path(out_dir) if out_dir is not None else None
     ckpt_dir = out / "checkpoints" if out is not None else None
-    metrics_path = out / "metrics.jsonl" if out is not None else None
+    metrics_path = out / "metrics.jsonl" if out is not None and write_metrics else None
     start = 0
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs out_dir")
         if latest_step(ckpt_dir) is not None:
             start, params, opt_state = restore_checkpoint(ckpt_dir, params, opt_state)
-            _truncate_jsonl(metrics_path, start)
+            if metrics_path is not None:
+                _truncate_jsonl(metrics_path, start)
     elif out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if metrics_path.exists():
+        if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()
     put_batch = put_batch or jnp.asarray
     history: list[dict] = []

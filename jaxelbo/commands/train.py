@@ -138,8 +138,12 @@ def validate(settings: dict) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
 
 
-def build_experiment(settings: dict):
-    """``(dataset, vae, loss_fn, optimizer)`` for ``settings`` (validated first)."""
+def build_experiment(settings: dict, cache: dict | None = None):
+    """``(dataset, vae, loss_fn, optimizer)`` for ``settings`` (validated first).
+
+    With a ``cache`` dict, runs of the same architecture share the VAE's functions
+    (only the parameters differ), so compiled steps and evaluations are reused.
+    """
     import jax
 
     from jaxelbo import data, training
@@ -149,6 +153,9 @@ def build_experiment(settings: dict):
     ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
     net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
                     latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train))
+    if cache is not None:
+        arch = ("vae", ds.name, json.dumps(net.config))
+        net = cache.setdefault(arch, net)._replace(params=net.params)
     loss_fn = training.make_loss(net.model, net.guide, settings["objective"], settings["estimator"],
                                  num_samples=settings["num_samples"], num_outer=settings["num_outer"],
                                  beta=settings["beta"], alpha=settings["alpha"])
@@ -182,20 +189,20 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
                 raise ValueError("--resume with settings that differ from the saved run: "
                                  + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})"
                                              for k in diff))
-    ds, net, loss_fn, optimizer = build_experiment(settings)
+    ds, net, loss_fn, optimizer = build_experiment(settings, cache)
     if out is not None and main_process:
         (out / "config.json").write_text(json.dumps({"settings": settings, "vae": net.config,
                                                      "image_shape": list(ds.image_shape)}, indent=1))
     params = net.params
-    key = (settings["objective"], settings["estimator"], settings["num_samples"], settings["num_outer"],
-           settings["beta"], settings["alpha"], tuple(settings["hidden"]), settings["latent_dim"],
-           ds.data_dim, settings["learning_rate"], settings["guide_learning_rate"])
+    key = ("step", ds.name, json.dumps(net.config), settings["objective"], settings["estimator"],
+           settings["num_samples"], settings["num_outer"], settings["beta"], settings["alpha"],
+           settings["learning_rate"], settings["guide_learning_rate"])
     if cache is not None and key in cache:
-        step_fn, net = cache[key]  # same functions, this seed's params
+        step_fn = cache[key]  # same functions, this seed's params
     else:
         step_fn = training.make_train_step(loss_fn, optimizer)
         if cache is not None:
-            cache[key] = (step_fn, net)
+            cache[key] = step_fn
     opt_state = optimizer.init(params)
 
     mesh = None
@@ -212,8 +219,8 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
         val = evaluation.validation_fn(net.model, net.guide, x_val, seed=settings["seed"])
         eval_fn = (lambda p: jax.tree.map(float, val(p)))
     result = training.train(step_fn, params, opt_state, batches, num_steps=settings["steps"],
-                            seed=settings["seed"], out_dir=out if main_process or out is None else None,
-                            resume=resume, eval_fn=eval_fn, eval_every=settings["eval_every"],
+                            seed=settings["seed"], out_dir=out, write_metrics=main_process, resume=resume,
+                            eval_fn=eval_fn, eval_every=settings["eval_every"],
                             log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
                             progress=progress and main_process, put_batch=put_batch)
     train_seconds = result.wall_seconds

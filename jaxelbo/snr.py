@@ -291,8 +291,8 @@ def gradient_moments(
       >>> import jax, jax.numpy as jnp
       >>> loss = lambda p, rng, x: (jnp.sum((p - jax.random.normal(rng, p.shape)) ** 2), None)
       >>> m = gradient_moments(loss, jnp.ones(3), jax.random.key(0), None, num_replicates=1000)
-      >>> m["loss"].mean.round(1), m["loss"].variance.round(0)
-      (array([2., 2., 2.]), array([4., 4., 4.]))
+      >>> bool(abs(m["loss"].mean - 2.0).max() < 0.2), bool(abs(m["loss"].variance - 4.0).max() < 0.6)
+      (True, True)
     """
     if callable(loss_fns):
         loss_fns = {"loss": loss_fns}

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimators to time (default: every one each objective supports)")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the hand-batched JAX, PyTorch and TFP references")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="skip the gradient-step timings (sections log_likelihood and SNR only)")
     parser.add_argument("--no-log-likelihood", action="store_true", help="skip the log_likelihood timing")
     parser.add_argument("--no-snr", action="store_true", help="skip the vmapped-vs-loop SNR sweep")
     parser.add_argument("--ll-num-samples", type=int, default=None,

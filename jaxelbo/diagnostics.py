@@ -88,7 +88,7 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
     def body(carry, i):
         running_max, running_sum = carry
         lw = lw_lib.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
-        valid = i * chunk + jnp.arange(chunk) < num_samples
+        valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
         lw = jnp.where(valid, lw, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(lw, axis=-1))
         safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -202,7 +202,7 @@ def elbo_surgery(model: Model, guide: Guide, params: dict, rng: jax.Array, x_all
         valid = (i * chunk_size + jnp.arange(chunk_size) < n)[:, None]
         lq = jnp.where(valid, lq, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(lq, axis=0))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(lq - new_max), axis=0)
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(lq - new_max[None, :]), axis=0)
         return (new_max, running_sum), None
 
     dtype = log_q_own.dtype

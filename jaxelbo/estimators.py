@@ -89,7 +89,7 @@ def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
     if k < 2:
         raise ValueError("leave-one-out needs at least 2 samples")
     top = jnp.argmax(log_weights, axis=-1, keepdims=True)
-    is_top = jnp.arange(k) == top
+    is_top = jnp.arange(k).reshape((1,) * (log_weights.ndim - 1) + (k,)) == top
     m1 = jnp.max(log_weights, axis=-1, keepdims=True)
     s1 = jnp.sum(jnp.exp(log_weights - m1), axis=-1, keepdims=True)
     rest = jnp.log(s1 - jnp.exp(log_weights - m1)) + m1

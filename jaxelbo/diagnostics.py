@@ -202,7 +202,8 @@ def elbo_surgery(model: Model, guide: Guide, params: dict, rng: jax.Array, x_all
         valid = (i * chunk_size + jnp.arange(chunk_size) < n)[:, None]
         lq = jnp.where(valid, lq, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(lq, axis=0))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(lq - new_max[None, :]), axis=0)
+        running_sum = (running_sum * jnp.exp(running_max - new_max)
+                       + jnp.sum(jnp.exp(lq - new_max[None, :]), axis=0))
         return (new_max, running_sum), None
 
     dtype = log_q_own.dtype

@@ -101,7 +101,8 @@ def test_zero_variance_at_the_exact_posterior(estimator):
         reps = replicates(je.iwae(MODEL, GUIDE, num_samples=num_samples, estimator=estimator), params=params,
                           num_replicates=64)
         np.testing.assert_allclose(flat(reps["guide"]), 0.0, atol=2e-5)
-    reps = replicates(je.iwae(MODEL, GUIDE, num_samples=K, estimator="reparam"), params=params, num_replicates=64)
+    reps = replicates(je.iwae(MODEL, GUIDE, num_samples=K, estimator="reparam"), params=params,
+                      num_replicates=64)
     assert np.min(np.abs(flat(reps["guide"])).max(axis=1)) > 1e-2
 
 

@@ -222,7 +222,8 @@ def test_single_pass_dreg_matches_two_pass_reference(objective, maybe_jit):
 
 
 def test_dreg_with_one_sample_equals_stl():
-    g = {e: jax.grad(lambda p, e=e: make("iwae", e, num_samples=1)(p, RNG, X)[0])(PARAMS) for e in ["stl", "dreg"]}
+    g = {e: jax.grad(lambda p, e=e: make("iwae", e, num_samples=1)(p, RNG, X)[0])(PARAMS)
+         for e in ["stl", "dreg"]}
     chex.assert_trees_all_close(g["dreg"], g["stl"], rtol=1e-5, atol=1e-6)
 
 
@@ -248,7 +249,8 @@ def test_theta_gradient_is_w_weighted():
     (lambda: je.miwae(MODEL, GUIDE, num_outer=0, num_inner=3), "num_outer must be >= 1"),
     (lambda: je.piwae(MODEL, GUIDE, num_outer=2, num_inner=0), "num_inner must be >= 1"),
     (lambda: je.iwae(MODEL, GUIDE, num_samples=3, estimator="nope"), "valid estimators are"),
-    (lambda: je.elbo(MODEL, GUIDE, num_samples=3, estimator="vimco"), "elbo does not support estimator 'vimco'"),
+    (lambda: je.elbo(MODEL, GUIDE, num_samples=3, estimator="vimco"), 
+     "elbo does not support estimator 'vimco'"),
     (lambda: je.piwae(MODEL, GUIDE, num_outer=2, num_inner=3, estimator="stl"), "piwae supports"),
     (lambda: je.ciwae(MODEL, GUIDE, num_samples=3, beta=1.5), r"beta must lie in \[0, 1\]"),
     (lambda: je.ciwae(MODEL, GUIDE, num_samples=3, beta=-0.1), r"beta must lie in \[0, 1\]"),

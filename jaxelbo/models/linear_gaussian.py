@@ -77,7 +77,7 @@ def sample_data(rng: jax.Array, mu: jax.Array, num_points: int) -> jax.Array:
     """``x_n = z_n + eps_n`` with ``z_n ~ N(mu, I)``: ``num_points`` draws of shape ``(N, D)``."""
     k_z, k_x = jax.random.split(rng)
     shape = (num_points, mu.shape[-1])
-    z = mu + jax.random.normal(k_z, shape, mu.dtype)
+    z = jnp.broadcast_to(mu, shape) + jax.random.normal(k_z, shape, mu.dtype)
     return z + jax.random.normal(k_x, shape, mu.dtype)
 
 
@@ -87,8 +87,8 @@ def log_marginal(theta: dict, x: jax.Array) -> jax.Array:
 
 
 def posterior(theta: dict, x: jax.Array) -> tuple[jax.Array, float]:
-    """Exact posterior ``p(z | x) = N((x + mu)/2, I/2)``: mean ``(B, D)`` and variance."""
-    return 0.5 * (x + theta["mu"]), 0.5
+    """Exact posterior ``p(z | x) = N((x + mu)/2, I/2)``: mean (shaped like ``x``) and variance."""
+    return 0.5 * (x + jnp.broadcast_to(theta["mu"], jnp.shape(x))), 0.5
 
 
 def exact_elbo(params: dict, x: jax.Array, scale: float | None = None) -> jax.Array:

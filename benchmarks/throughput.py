@@ -47,6 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
+# PyTorch's OpenMP threads spin-wait by default; on a shared (oversubscribed) machine that
+# makes it several times slower. Passive waiting is the fair setting for the reference.
+# Must be set before torch is imported; an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
@@ -80,27 +84,34 @@ TARGETS = {
 
 
 def interleaved_times(steps: dict[str, Callable[[], object]], *, repetitions: int, warmup: int = 2,
-                      seed: int = 0, progress: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
-    """Seconds per call of each zero-argument ``step`` (which must block until done).
+                      seed: int = 0, progress: Callable[[], None] | None = None,
+                      cpu_times: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Wall seconds per call of each zero-argument ``step`` (which must block until done).
 
     Every step is called ``warmup`` times first (compilation, caches), then
     ``repetitions`` rounds run every step once, in a fresh random order each round, so
-    slow drift of a shared machine affects all steps alike.
+    slow drift of a shared machine affects all steps alike. If ``cpu_times`` is given it
+    receives the process CPU seconds (all threads) of each call: the work done, which
+    depends less than wall time on other processes competing for the cores.
     """
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
     shuffler = random.Random(seed)
     for _ in range(repetitions):
         shuffler.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
         if progress is not None:
             progress()
+    if cpu_times is not None:
+        cpu_times.update({name: np.asarray(c) for name, c in cpu.items()})
     return {name: np.asarray(t) for name, t in times.items()}
 
 
@@ -304,10 +315,12 @@ def bench_gradient_steps(cfg: dict, log, progress_factory) -> tuple[list[dict], 
                                       plain_model_row=cfg["model"] == "flax")
         timed = {c.name: c.step for c in contenders if c.step is not None}
         bar = progress_factory(cfg["repetitions"], f"K = {k}: {len(timed)} contenders")
+        cpu = {}
         times = interleaved_times(timed, repetitions=cfg["repetitions"], seed=cfg["seed"] + k,
-                                  progress=bar.update)
+                                  progress=bar.update, cpu_times=cpu)
         bar.close()
-        ref = times[f"jaxelbo {REFERENCE[0]}/{REFERENCE[1]}"]
+        ref_name = f"jaxelbo {REFERENCE[0]}/{REFERENCE[1]}"
+        ref = times[ref_name]
         floor = times["GEMM floor"]
         for c in contenders:
             row = {"num_samples": k, "batch_size": cfg["batch_size"], "name": c.name,
@@ -318,7 +331,10 @@ def bench_gradient_steps(cfg: dict, log, progress_factory) -> tuple[list[dict], 
                 t = times[c.name]
                 row.update(median_ms=1e3 * float(np.median(t)),
                            q25_ms=1e3 * float(np.percentile(t, 25)), q75_ms=1e3 * float(np.percentile(t, 75)),
-                           ratio_to_iwae=paired_ratio(t, ref), floor_multiple=paired_ratio(t, floor))
+                           ratio_to_iwae=paired_ratio(t, ref), floor_multiple=paired_ratio(t, floor),
+                           cpu_ms=1e3 * float(np.median(cpu[c.name])),
+                           cpu_ratio_to_iwae=paired_ratio(cpu[c.name], cpu[ref_name]),
+                           cpu_floor_multiple=paired_ratio(cpu[c.name], cpu["GEMM floor"]))
             if c.implementation == "gemm-floor":
                 flops = burda.gemm_flops(cfg["batch_size"], k)
                 row["gflops"] = flops / 1e9
@@ -327,7 +343,8 @@ def bench_gradient_steps(cfg: dict, log, progress_factory) -> tuple[list[dict], 
         for num, den, what in COMPARISONS:
             if num in times and den in times:
                 comparisons.append({"num_samples": k, "what": what, "numerator": num, "denominator": den,
-                                    "ratio": paired_ratio(times[num], times[den])})
+                                    "ratio": paired_ratio(times[num], times[den]),
+                                    "cpu_ratio": paired_ratio(cpu[num], cpu[den])})
     return rows, comparisons
 
 
@@ -479,7 +496,8 @@ def environment() -> dict:
               "cpu": cpu, "cpu_count": os.cpu_count()}
     versions = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": _version("jaxlib"),
                 "flax": _version("flax"), "optax": _version("optax"), "numpy": np.__version__,
-                "jaxelbo": je.__version__, "torch": _version("torch"), "tfp-nightly": _version("tfp-nightly")}
+                "jaxelbo": je.__version__, "torch": _version("torch"), "tfp-nightly": _version("tfp-nightly"),
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     return {"device": device, "versions": versions}
 
 
@@ -512,7 +530,10 @@ def to_markdown(result: dict) -> str:
     for title, key, spec in () if not rows else (("Median ms per gradient step", "median_ms", ".1f"),
                              ("Ratio to plain IWAE (`iwae`/`reparam`), same run", "ratio_to_iwae", ".3f"),
                              ("Multiple of the GEMM floor (the step's matrix products alone)",
-                              "floor_multiple", ".2f")):
+                              "floor_multiple", ".2f"),
+                             ("CPU ms per step (process CPU time, all threads)", "cpu_ms", ".1f"),
+                             ("CPU-time ratio to plain IWAE", "cpu_ratio_to_iwae", ".3f"),
+                             ("CPU-time multiple of the GEMM floor", "cpu_floor_multiple", ".2f")):
         lines += [f"## {title}", "", "| contender | " + " | ".join(f"K={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
         for n in names:
@@ -542,9 +563,10 @@ def to_markdown(result: dict) -> str:
     comps = result.get("comparisons")
     if comps:
         lines += ["## Head to head (paired ratios of times, same run)", "",
-                  "| numerator | denominator | K | ratio |", "|---|---|---:|---:|"]
+                  "| numerator | denominator | K | wall ratio | CPU-time ratio |", "|---|---|---:|---:|---:|"]
         for c in comps:
-            lines.append(f"| {c['numerator']} | {c['denominator']} | {c['num_samples']} | {c['ratio']:.3f} |")
+            lines.append(f"| {c['numerator']} | {c['denominator']} | {c['num_samples']} | {c['ratio']:.3f} | "
+                         f"{c['cpu_ratio']:.3f} |")
         lines.append("")
     ll = result.get("log_likelihood")
     if ll:

@@ -237,7 +237,9 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
       num_steps: global step to stop at.
       seed: the step key is ``fold_in(key(seed), step)``.
       out_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: nothing written).
-      resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+      resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (an
+        interrupted run, Ctrl-C included: the last completed step is saved on
+        ``KeyboardInterrupt``).
       eval_fn: ``params -> dict of numbers``, run every ``eval_every`` steps and at the
         end; records go to ``metrics.jsonl`` with ``"split": "validation"``.
       log_every: steps between training-metric records.
@@ -281,11 +283,15 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
     bar = tqdm(total=num_steps, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
     last_log_t, last_log_step = time.perf_counter(), start
     step = start
+    state = (params, opt_state, start)  # (params, opt_state, steps done), replaced atomically
+    saved = start
     try:
         for step in range(start, num_steps):
             x = put_batch(batches.batch(step))
-            params, opt_state, metrics = step_fn(params, opt_state, step_key(seed, step), x)
-            done = step + 1
+            new = step_fn(params, opt_state, step_key(seed, step), x)
+            state = (new[0], new[1], step + 1)
+            params, opt_state, done = state
+            metrics = new[2]
             if done % log_every == 0 or done == num_steps:
                 now = time.perf_counter()
                 rate = (done - last_log_step) / max(now - last_log_t, 1e-9)
@@ -299,8 +305,14 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
             at_checkpoint = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
             if ckpt_dir is not None and at_checkpoint:
                 save_checkpoint(ckpt_dir, done, params, opt_state)
+                saved = done
             bar.update(1)
         step = num_steps
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the last completed step so that --resume loses nothing.
+        if ckpt_dir is not None and state[2] > saved and jax.process_count() == 1:
+            save_checkpoint(ckpt_dir, state[2], state[0], state[1])
+        raise
     finally:
         bar.close()
         if log_file is not None:

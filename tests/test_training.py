@@ -197,3 +197,26 @@ def test_cli_train_resume_and_evaluate(tmp_path, capsys):
     assert again["step"] == 6 and np.isfinite(again["test"]["log_likelihood"])
     assert main([*common, "--resume", "--seed", "1"]) == 2
     assert "differ" in capsys.readouterr().err
+
+
+def test_interrupt_saves_the_last_completed_step(tiny, tmp_path):
+    net, it = tiny
+    opt = training.make_optimizer()
+    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+    step = training.make_train_step(loss_fn, opt)
+    calls = []
+
+    def interrupted(params, opt_state, rng, x):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return step(params, opt_state, rng, x)
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(interrupted, net.params, opt.init(net.params), it, num_steps=6, seed=0,
+                       out_dir=tmp_path, progress=False)
+    assert training.latest_step(tmp_path / "checkpoints") == 3
+    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=6, seed=0, out_dir=tmp_path,
+                             resume=True, progress=False)
+    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=6, seed=0, progress=False)
+    chex.assert_trees_all_equal(resumed.params, straight.params)

@@ -22,6 +22,15 @@ def tiny():
     return net, x
 
 
+@pytest.fixture(scope="module")
+def dreg_step(tiny):
+    """One compiled IWAE-DReG step shared by the loop tests (compiled once)."""
+    net, _ = tiny
+    opt = training.make_optimizer(3e-3)
+    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+    return opt, training.make_train_step(loss_fn, opt)
+
+
 @pytest.mark.parametrize("objective", list(je.OBJECTIVES))
 def test_make_loss_builds_every_objective(tiny, objective):
     net, it = tiny
@@ -75,6 +84,7 @@ def test_non_finite_step_is_skipped_and_counted():
     assert int(m["skipped_steps"]) == 1 and not np.allclose(p2["model"]["w"], 1.0)
 
 
+@pytest.mark.slow  # eager DReG steps dispatch op by op
 def test_jit_step_equals_eager():
     lg = je.models.linear_gaussian
     params = lg.optimal_params(jnp.zeros(3))
@@ -88,21 +98,30 @@ def test_jit_step_equals_eager():
     chex.assert_trees_all_close(a[2], b[2], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_reaches_the_same_params(tiny, tmp_path):
+def test_interrupted_run_resumes_to_the_same_params(tiny, dreg_step, tmp_path):
+    """8 steps straight == Ctrl-C after 5 steps (checkpoint at 4 and, on the interrupt, at 5) + resume."""
     net, it = tiny
-    opt = training.make_optimizer()
-    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
-    step = training.make_train_step(loss_fn, opt)
-    kw = dict(seed=3, log_every=2, progress=False)
+    opt, step = dreg_step
+    kw = dict(seed=3, log_every=2, checkpoint_every=4, progress=False)
     straight = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "a",
-                              checkpoint_every=4, **kw)
-    training.train(step, net.params, opt.init(net.params), it, num_steps=4, out_dir=tmp_path / "b",
-                   checkpoint_every=4, **kw)
-    # an interrupted second half: its records after the checkpoint must be dropped on resume
+                              **kw)
+    calls = []
+
+    def interrupted(params, opt_state, rng, x):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return step(params, opt_state, rng, x)
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(interrupted, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
+                       **kw)
+    assert training.latest_step(tmp_path / "b" / "checkpoints") == 5
+    # a record written after the last checkpoint by the interrupted run is dropped on resume
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 6, "split": "train", "bound": 0.0}) + "\n")
+        f.write(json.dumps({"step": 7, "split": "train", "bound": 0.0}) + "\n")
     resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
-                             resume=True, checkpoint_every=4, **kw)
+                             resume=True, **kw)
     assert resumed.step == 8 and training.latest_step(tmp_path / "b" / "checkpoints") == 8
     chex.assert_trees_all_equal(straight.params, resumed.params)
     chex.assert_trees_all_equal(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state))
@@ -125,11 +144,9 @@ def test_checkpoint_roundtrip(tmp_path):
         training.restore_checkpoint(tmp_path / "none", params, state)
 
 
-def test_training_improves_the_bound(tiny):
+def test_training_improves_the_bound(tiny, dreg_step):
     net, it = tiny
-    opt = training.make_optimizer(3e-3)
-    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
-    step = training.make_train_step(loss_fn, opt)
+    opt, step = dreg_step
     val = evaluation.validation_fn(net.model, net.guide, data.evaluation_split(data.load(), "validation"),
                                    num_samples=8)
     before = float(val(net.params)["iwae_8"])
@@ -198,25 +215,3 @@ def test_cli_train_resume_and_evaluate(tmp_path, capsys):
     assert main([*common, "--resume", "--seed", "1"]) == 2
     assert "differ" in capsys.readouterr().err
 
-
-def test_interrupt_saves_the_last_completed_step(tiny, tmp_path):
-    net, it = tiny
-    opt = training.make_optimizer()
-    loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
-    step = training.make_train_step(loss_fn, opt)
-    calls = []
-
-    def interrupted(params, opt_state, rng, x):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return step(params, opt_state, rng, x)
-
-    with pytest.raises(KeyboardInterrupt):
-        training.train(interrupted, net.params, opt.init(net.params), it, num_steps=6, seed=0,
-                       out_dir=tmp_path, progress=False)
-    assert training.latest_step(tmp_path / "checkpoints") == 3
-    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=6, seed=0, out_dir=tmp_path,
-                             resume=True, progress=False)
-    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=6, seed=0, progress=False)
-    chex.assert_trees_all_equal(resumed.params, straight.params)

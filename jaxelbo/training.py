@@ -258,14 +258,13 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
     ckpt_dir = out / "checkpoints" if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None and write_metrics else None
     start = 0
-    if resume:
-        if ckpt_dir is None:
-            raise ValueError("resume=True needs out_dir")
-        if latest_step(ckpt_dir) is not None:
-            start, params, opt_state = restore_checkpoint(ckpt_dir, params, opt_state)
-            if metrics_path is not None:
-                _truncate_jsonl(metrics_path, start)
-    elif out is not None:
+    if resume and ckpt_dir is None:
+        raise ValueError("resume=True needs out_dir")
+    if resume and latest_step(ckpt_dir) is not None:
+        start, params, opt_state = restore_checkpoint(ckpt_dir, params, opt_state)
+        if metrics_path is not None:
+            _truncate_jsonl(metrics_path, start)
+    elif out is not None:  # a fresh run (or a resume with nothing saved yet)
         out.mkdir(parents=True, exist_ok=True)
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()

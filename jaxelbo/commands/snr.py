@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -127,30 +125,9 @@ def _program_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Device, library versions, date and command line, recorded with every result."""
-    import importlib.metadata as md
+    from jaxelbo.environment import describe
 
-    import jax
-
-    import jaxelbo
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    dev = jax.devices()[0]
-    return {
-        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
-                   "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-                   "machine": platform.machine()},
-        "versions": {"jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"),
-                     "optax": version("optax"), "numpy": version("numpy"), "jaxelbo": jaxelbo.__version__,
-                     "python": platform.python_version()},
-        "x64": bool(jax.config.jax_enable_x64),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([_program_name()] + sys.argv[1:]),
-    }
+    return {**describe(), "command": " ".join([_program_name()] + sys.argv[1:])}
 
 
 def write_csv(result: dict[str, Any], path: str) -> None:

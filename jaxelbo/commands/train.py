@@ -101,28 +101,9 @@ def default_out(settings: dict) -> str:
 
 def environment() -> dict:
     """Device, versions and date, as every jaxelbo output records them."""
-    import datetime
-    import importlib.metadata as md
-    import platform
+    from jaxelbo.environment import describe
 
-    import jax
-
-    import jaxelbo
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    dev = jax.devices()[0]
-    return {"device": {"platform": dev.platform, "device_kind": dev.device_kind,
-                       "device_count": jax.device_count(), "process_count": jax.process_count()},
-            "versions": {"jaxelbo": jaxelbo.__version__, "jax": jax.__version__, "jaxlib": version("jaxlib"),
-                         "flax": version("flax"), "optax": version("optax"),
-                         "orbax-checkpoint": version("orbax-checkpoint"),
-                         "python": platform.python_version()},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return describe()
 
 
 def validate(settings: dict) -> None:

@@ -459,7 +459,7 @@ def evaluate_targets(rows: list[dict], comparisons: list[dict], snr: dict | None
             add(f"plain IWAE step <= {lim_f}x GEMM floor", k, v, v <= lim_f)
     for c in comparisons:
         k, v = c["num_samples"], c["ratio"]
-        if c["what"] == "per_example_over_hand" and k >= 8:
+        if c["what"] == "per_example_over_hand" and k == 64:
             lim = TARGETS["per_example_vs_hand"]
             add(f"{c['numerator']} (per-example, vmapped) <= {lim}x hand-batched", k, v, v <= lim)
         if c["what"] == "torch_over_jaxelbo" and k in (64, 512):

@@ -247,8 +247,9 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
             if estimator not in grads:
                 continue
             module, step = torch_ref.make_step(params, np.asarray(x), eps, estimator)
-            step()
-            out.append(checked(Contender(f"PyTorch iwae/{estimator}", "torch", "iwae", estimator, step),
+            step()  # checked on JAX's noise, then timed drawing its own (torch.randn) as JAX does
+            _, timed_step = torch_ref.make_step(params, np.asarray(x), eps, estimator, draw_noise=True)
+            out.append(checked(Contender(f"PyTorch iwae/{estimator}", "torch", "iwae", estimator, timed_step),
                                module.gradients(), grads[estimator], f"jaxelbo iwae/{estimator}"))
 
     from references import tfp_ref

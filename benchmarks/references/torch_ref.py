@@ -93,8 +93,13 @@ class BurdaVAE(nn.Module):
         return {"model": net(self.decoder), "guide": net(self.encoder)}
 
 
-def make_step(params: dict, x: np.ndarray, eps: np.ndarray, estimator: str):
-    """A zero-argument callable doing one forward + backward pass; returns ``(module, step)``."""
+def make_step(params: dict, x: np.ndarray, eps: np.ndarray, estimator: str, *, draw_noise: bool = False):
+    """A zero-argument callable doing one forward + backward pass; returns ``(module, step)``.
+
+    With ``draw_noise`` every call draws fresh ``eps ~ N(0, I)`` of ``eps``'s shape with
+    ``torch.randn`` (what a training step does, and what the JAX steps pay for too);
+    otherwise it reuses ``eps`` (for gradient checks against JAX on identical noise).
+    """
     module = BurdaVAE(params)
     xt = torch.from_numpy(np.array(x, dtype=np.float32))
     et = torch.from_numpy(np.array(eps, dtype=np.float32))
@@ -103,7 +108,7 @@ def make_step(params: dict, x: np.ndarray, eps: np.ndarray, estimator: str):
     def step():
         for p in module.parameters():
             p.grad = None
-        loss = loss_fn(xt, et)
+        loss = loss_fn(xt, torch.randn_like(et) if draw_noise else et)
         loss.backward()
         return loss
 

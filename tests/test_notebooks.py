@@ -46,6 +46,7 @@ def test_notebook_conventions(path: Path):
     assert "JAXELBO_SAVE_FIGURES" in source
 
 
+@pytest.mark.slow  # ~10-45 s each in fast mode; CI runs them (plain `pytest`)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, monkeypatch):
     """Runs the notebook top to bottom in fast mode; any cell error fails the test."""

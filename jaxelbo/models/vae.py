@@ -124,9 +124,11 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
     """``sum_i x_i log sigma(l_i) + (1 - x_i) log(1 - sigma(l_i)) = sum_i x_i l_i - softplus(l_i)``.
 
     Valid for ``x`` in [0, 1] (continuous Bernoulli without its normaliser for grey
-    values; exact for binary ``x``).
+    values; exact for binary ``x``). ``x . l`` is written as a contraction: as an
+    element-wise product, XLA CPU materialises ``x`` broadcast over the K samples
+    (``x`` is not batched on that axis); as a dot it does not (~4% of a Burda VAE step).
     """
-    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+    return jnp.einsum("...d,...d->...", x, logits) - jnp.sum(jax.nn.softplus(logits), axis=-1)
 
 
 def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), latent_dim: int = 50,

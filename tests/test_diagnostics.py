@@ -24,11 +24,11 @@ def bad_guide_params():
     return p
 
 
-def test_gradient_replicates_chunked_equals_vmapped(maybe_jit):
+def test_gradient_replicates_chunked_equals_vmapped():
     loss_fn = je.iwae(MODEL, GUIDE, num_samples=4, estimator="dreg")
     params = bad_guide_params()
-    full = maybe_jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=12))(params)
-    chunked = maybe_jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=12,
+    full = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=12))(params)
+    chunked = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=12,
                                                           chunk_size=5))(params)
     chex.assert_trees_all_close(full, chunked, rtol=1e-5, atol=1e-6)
     chex.assert_tree_shape_prefix(full, (12,))
@@ -39,8 +39,8 @@ def test_gradient_replicates_chunked_equals_vmapped(maybe_jit):
 def test_gradient_snr_is_abs_mean_over_std():
     loss_fn = je.iwae(MODEL, GUIDE, num_samples=4, estimator="reparam")
     params = bad_guide_params()
-    reps = je.gradient_replicates(loss_fn, params, jax.random.key(0), X, num_replicates=50)
-    snr = je.gradient_snr(loss_fn, params, jax.random.key(0), X, num_replicates=50)
+    reps = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=50))(params)
+    snr = jax.jit(lambda p: je.gradient_snr(loss_fn, p, jax.random.key(0), X, num_replicates=50))(params)
     want = jax.tree_util.tree_map(lambda g: jnp.abs(g.mean(0)) / g.std(0), reps)
     chex.assert_trees_all_close(snr, want, rtol=1e-5)
     chex.assert_trees_all_equal_shapes(snr, params)

@@ -21,8 +21,11 @@ warm-up excluded; ``block_until_ready``):
 2. **References**, each checked to give the same gradients on the same noise before it
    is timed: the same VAE written by hand on a ``(B, K)`` batch in plain JAX (IWAE, and
    DReG with a ``custom_vjp`` hook), jaxelbo with a hand-written per-example model
-   instead of flax, PyTorch IWAE and hook-style DReG (CPU), and TFP-JAX's
+   instead of flax, PyTorch IWAE and hook-style DReG (CPU; checked on JAX's noise, timed
+   drawing its own with ``torch.randn``; ``OMP_WAIT_POLICY=PASSIVE`` unless set, since
+   spinning OpenMP threads are several times slower on a shared machine), and TFP-JAX's
    ``DOUBLY_REPARAMETERIZED`` loss (whose model gradient uses ``w^2``; reported).
+   Wall time and process CPU time (all threads) are both recorded.
 3. **log_likelihood** at large K: time per test point and XLA's compiled memory for two
    chunk sizes and two K, showing memory set by the chunk, flat in K.
 4. **SNR sweep**: ``je.gradient_replicates`` (one vmapped program over R replicates) vs

@@ -91,28 +91,29 @@ def posterior(theta: dict, x: jax.Array) -> tuple[jax.Array, float]:
     return 0.5 * (x + jnp.broadcast_to(theta["mu"], jnp.shape(x))), 0.5
 
 
-def exact_elbo(params: dict, x: jax.Array, scale: float | None = None) -> jax.Array:
-    """Analytic ELBO of the Gaussian guide for a batch ``(B, D)``: shape ``(B,)``."""
+def _expected_log_likelihood_and_kl(params: dict, x: jax.Array, scale: float | None):
+    """Per example: ``E_q[log p(x|z)] = -D/2 log 2pi - (||x - m||^2 + D s^2)/2`` and
+    ``KL(q(z|x) || p(z)) = (D s^2 + ||m - mu||^2 - D - D log s^2)/2``."""
     theta, phi = params["model"], params["guide"]
 
     def one(xi):
         m, s = guide_mean_scale(phi, xi, scale)
         d = xi.shape[-1]
         var = s * s
-        return (-d * LOG_2PI - 0.5 * jnp.sum((m - theta["mu"]) ** 2) - 0.5 * jnp.sum((xi - m) ** 2)
-                - d * var + 0.5 * d * (LOG_2PI + 1.0 + jnp.log(var)))
+        ell = -0.5 * d * LOG_2PI - 0.5 * (jnp.sum((xi - m) ** 2) + d * var)
+        kl = 0.5 * (d * var + jnp.sum((m - theta["mu"]) ** 2) - d - d * jnp.log(var))
+        return ell, kl
 
     return jax.vmap(one)(x)
+
+
+def exact_elbo(params: dict, x: jax.Array, scale: float | None = None) -> jax.Array:
+    """Analytic ELBO ``E_q[log p(x|z)] - KL(q(z|x) || p(z))`` of the Gaussian guide for a
+    batch ``(B, D)``: shape ``(B,)``."""
+    ell, kl = _expected_log_likelihood_and_kl(params, x, scale)
+    return ell - kl
 
 
 def exact_kl(params: dict, x: jax.Array, scale: float | None = None) -> jax.Array:
     """``KL(q(z|x) || p(z))`` for a batch, analytic: shape ``(B,)``."""
-    theta, phi = params["model"], params["guide"]
-
-    def one(xi):
-        m, s = guide_mean_scale(phi, xi, scale)
-        d = xi.shape[-1]
-        var = s * s
-        return 0.5 * (d * var + jnp.sum((m - theta["mu"]) ** 2) - d - d * jnp.log(var))
-
-    return jax.vmap(one)(x)
+    return _expected_log_likelihood_and_kl(params, x, scale)[1]

@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -63,6 +62,7 @@ import numpy as np  # noqa: E402
 from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
+from jaxelbo.environment import describe  # noqa: E402
 
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
 DEFAULTS = {"num_samples": [1, 8, 64, 512], "batch_size": 64, "repetitions": 20,
@@ -476,33 +476,11 @@ def evaluate_targets(rows: list[dict], comparisons: list[dict], snr: dict | None
     return out
 
 
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:  # noqa: BLE001 - not installed
-        return None
-
-
 def environment() -> dict:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    device = {"platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-              "cpu": cpu, "cpu_count": os.cpu_count()}
-    versions = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": _version("jaxlib"),
-                "flax": _version("flax"), "optax": _version("optax"), "numpy": np.__version__,
-                "jaxelbo": je.__version__, "torch": _version("torch"), "tfp-nightly": _version("tfp-nightly"),
-                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
-    return {"device": device, "versions": versions}
+    """jaxelbo's environment record plus the references' versions and torch's OpenMP policy."""
+    env = describe(extra_packages=("torch", "tfp-nightly"))
+    env["versions"]["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    return env
 
 
 def device_tag() -> str:

@@ -17,6 +17,18 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
     """Device (platform, kind, counts), library versions, float64 switch and UTC date."""
     import jax
@@ -30,7 +42,7 @@ def describe(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
     return {
         "device": {"platform": dev.platform, "device_kind": dev.device_kind,
                    "num_devices": jax.device_count(), "device_count": jax.device_count(),
-                   "process_count": jax.process_count(), "cpu_count": os.cpu_count(),
+                   "process_count": jax.process_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                    "machine": platform.machine()},
         "versions": versions,
         "x64": bool(jax.config.jax_enable_x64),

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxelbo as je
+from jaxelbo.log_weights import log_mean_exp
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -112,7 +113,7 @@ def _bounds_fn(model: je.Model, guide: je.Guide, num_samples: int):
     @jax.jit
     def bounds(params, rng, xb):
         lw = je.log_weights(model, guide, params, rng, xb, num_samples=num_samples)
-        return jax.nn.logsumexp(lw, axis=-1) - math.log(num_samples), jnp.mean(lw, axis=-1)
+        return log_mean_exp(lw), jnp.mean(lw, axis=-1)
 
     return bounds
 
@@ -141,7 +142,7 @@ def validation_fn(model: je.Model, guide: je.Guide, x: np.ndarray, *, seed: int 
         for i in range(0, x.shape[0], batch_size):
             lw = je.log_weights(model, guide, params, jax.random.fold_in(rng, i), x[i:i + batch_size],
                                 num_samples=num_samples)
-            iws.append(jax.nn.logsumexp(lw, axis=-1) - math.log(num_samples))
+            iws.append(log_mean_exp(lw))
             els.append(jnp.mean(lw, axis=-1))
         return {f"iwae_{num_samples}": jnp.mean(jnp.concatenate(iws)), "elbo": jnp.mean(jnp.concatenate(els))}
 

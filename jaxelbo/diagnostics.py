@@ -68,6 +68,18 @@ def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, nu
 # --------------------------------------------------------------------------------------
 
 
+def _streaming_logsumexp(carry: tuple[jax.Array, jax.Array], values: jax.Array, axis: int):
+    """One step of a streaming logsumexp: fold ``values`` (``-inf`` = masked) into
+    ``(m, s)`` with ``m' = max(m, max values)``, ``s' = s e^{m - m'} + sum e^{values - m'}``,
+    so that ``logsumexp = m + log s`` at the end."""
+    running_max, running_sum = carry
+    new_max = jnp.maximum(running_max, jnp.max(values, axis=axis))
+    safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    running_sum = (running_sum * jnp.exp(running_max - safe)
+                   + jnp.sum(jnp.exp(values - jnp.expand_dims(safe, axis)), axis=axis))
+    return new_max, running_sum
+
+
 def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                    num_samples: int = 5000, chunk_size: int | None = 500) -> jax.Array:
     """Estimate ``log p(x)`` by IWAE_K with large K (Burda et al. 2016 use K = 5000).
@@ -86,15 +98,9 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
     check_inputs(model, guide, params, rng, x)
 
     def body(carry, i):
-        running_max, running_sum = carry
         lw = lw_lib.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
         valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
-        lw = jnp.where(valid, lw, -jnp.inf)
-        new_max = jnp.maximum(running_max, jnp.max(lw, axis=-1))
-        safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        running_sum = (running_sum * jnp.exp(running_max - safe)
-                       + jnp.sum(jnp.exp(lw - safe[:, None]), axis=-1))
-        return (new_max, running_sum), None
+        return _streaming_logsumexp(carry, jnp.where(valid, lw, -jnp.inf), axis=-1), None
 
     batch = lw_lib.batch_size_of(x)
     dtype = jax.eval_shape(
@@ -196,15 +202,10 @@ def elbo_surgery(model: Model, guide: Guide, params: dict, rng: jax.Array, x_all
     cross = jax.vmap(jax.vmap(guide.log_prob, (None, None, 0)), (None, 0, None))  # (chunk, N*S)
 
     def body(carry, inputs):
-        running_max, running_sum = carry
         x_chunk, i = inputs
         lq = cross(phi, x_chunk, z_flat)
         valid = (i * chunk_size + jnp.arange(chunk_size) < n)[:, None]
-        lq = jnp.where(valid, lq, -jnp.inf)
-        new_max = jnp.maximum(running_max, jnp.max(lq, axis=0))
-        running_sum = (running_sum * jnp.exp(running_max - new_max)
-                       + jnp.sum(jnp.exp(lq - new_max[None, :]), axis=0))
-        return (new_max, running_sum), None
+        return _streaming_logsumexp(carry, jnp.where(valid, lq, -jnp.inf), axis=0), None
 
     dtype = log_q_own.dtype
     init = (jnp.full((n * num_samples,), -jnp.inf, dtype), jnp.zeros((n * num_samples,), dtype))

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from jaxelbo.commands import snr
+from jaxelbo.app.commands import snr
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "snr")
 

@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
-from jaxelbo.environment import describe  # noqa: E402
+from jaxelbo.app.environment import describe  # noqa: E402
 
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
 DEFAULTS = {"num_samples": [1, 8, 64, 512], "batch_size": 64, "repetitions": 20,
@@ -603,7 +603,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark for parsed ``args`` (see ``jaxelbo.commands.bench``); returns 0."""
+    """Run the benchmark for parsed ``args`` (see ``jaxelbo.app.commands.bench``); returns 0."""
     try:
         cfg = config_from_args(args)
         selected_pairs(cfg["objective"], cfg["estimator"])
@@ -653,7 +653,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxelbo.commands import bench
+    from jaxelbo.app.commands import bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_arguments(parser)

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from jaxelbo import data
-    from jaxelbo.commands.train import DEFAULTS, environment, train_and_evaluate
+    from jaxelbo.app import data
+    from jaxelbo.app.commands.train import DEFAULTS, environment, train_and_evaluate
 
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     if not methods:

@@ -2,6 +2,6 @@
 
 import sys
 
-from jaxelbo.cli import main
+from jaxelbo.app.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxelbo as je
-from jaxelbo.commands import bench
+from jaxelbo.app.commands import bench
 
 throughput = bench.load_throughput_module()
 from references import burda  # noqa: E402  (put on sys.path by the throughput module)
@@ -74,7 +74,7 @@ def test_bad_objective_is_rejected_with_choices(tmp_path, capsys):
 
 
 def test_cli_parser_knows_bench():
-    from jaxelbo import cli
+    from jaxelbo.app import cli
 
     args = cli.build_parser().parse_args(["bench", "--fast", "--num-samples", "1", "8"])
     assert args.fast and args.num_samples == [1, 8]

@@ -1,9 +1,9 @@
-"""Tests of jaxelbo.data: loaders (tiny files in tmp_path) and the batch iterator."""
+"""Tests of jaxelbo.app.data: loaders (tiny files in tmp_path) and the batch iterator."""
 
 import numpy as np
 import pytest
 
-from jaxelbo import data
+from jaxelbo.app import data
 
 
 def test_digits_default_split():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Shared by every case: a tiny VAE on digits, IWAE-DReG with K = 4, batch 16, 4 steps.
 COMMON = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jaxelbo import data, sharding, training
+    from jaxelbo.app import data, sharding, training
     from jaxelbo.models import vae
 
     def setup():

@@ -208,7 +208,7 @@ def test_reduced_experiment_variance_and_bias(reduced_experiment):
 
 
 def test_command_writers(reduced_experiment, tmp_path):
-    from jaxelbo.commands import snr as cmd
+    from jaxelbo.app.commands import snr as cmd
 
     result = dict(reduced_experiment, wall_seconds=1.0, environment=cmd.environment())
     cmd.write_csv(result, tmp_path / "snr.csv")
@@ -221,7 +221,7 @@ def test_command_writers(reduced_experiment, tmp_path):
     cmd.plot(result, tmp_path / "snr.png")
     assert (tmp_path / "snr.png").stat().st_size > 10_000
     # --replot re-renders everything from snr.json without sweeping
-    from jaxelbo.cli import build_parser
+    from jaxelbo.app.cli import build_parser
 
     cmd.write_outputs(result, str(tmp_path / "out"))
     (tmp_path / "out" / "snr.md").unlink()
@@ -230,8 +230,8 @@ def test_command_writers(reduced_experiment, tmp_path):
 
 
 def test_command_flags():
-    from jaxelbo.cli import build_parser
-    from jaxelbo.commands import snr as cmd
+    from jaxelbo.app.cli import build_parser
+    from jaxelbo.app.commands import snr as cmd
 
     args = build_parser().parse_args(["snr", "--fast", "--max-num-samples", "100", "--estimator", "dreg"])
     settings = cmd.resolve_settings(args)
@@ -246,7 +246,7 @@ def test_command_flags():
 @pytest.mark.slow
 def test_m_slopes_and_cli_end_to_end(tmp_path):
     """MIWAE: every estimator's SNR grows as sqrt(M) at fixed K; the command writes its files."""
-    from jaxelbo.cli import main
+    from jaxelbo.app.cli import main
 
     out = tmp_path / "snr"
     assert main(["snr", "--out", str(out), "--num-replicates", "400", "--k-grid", "4",

@@ -1,4 +1,4 @@
-"""Tests of jaxelbo.training, jaxelbo.evaluation and the train/evaluate commands."""
+"""Tests of jaxelbo.app.training, jaxelbo.app.evaluation and the train/evaluate commands."""
 
 import json
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxelbo as je
-from jaxelbo import data, evaluation, training
+from jaxelbo.app import data, evaluation, training
 from jaxelbo.models import vae
 
 D = 64
@@ -181,7 +181,7 @@ def test_active_units_counts_varying_means():
 
 
 def test_cli_rejects_bad_combinations_in_one_line(tmp_path, capsys):
-    from jaxelbo.cli import main
+    from jaxelbo.app.cli import main
 
     assert main(["train", "--objective", "elbo", "--estimator", "dreg", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
@@ -195,7 +195,7 @@ def test_cli_rejects_bad_combinations_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_train_resume_and_evaluate(tmp_path, capsys):
-    from jaxelbo.cli import main
+    from jaxelbo.app.cli import main
 
     out = tmp_path / "run"
     common = ["train", "--steps", "6", "--batch-size", "16", "--num-samples", "4", "--hidden", "16",

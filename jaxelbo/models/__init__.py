@@ -1,16 +1,19 @@
 """Models with the contract's ``(Model, Guide, params)`` form.
 
-- :mod:`jaxelbo.models.linear_gaussian`: the linear-Gaussian toy with closed forms.
-- :mod:`jaxelbo.models.vae`: the Burda et al. (2016) VAE in flax NNX.
+- :mod:`jaxelbo.models.linear_gaussian`: the linear-Gaussian toy with closed forms (core: jax only).
+- :mod:`jaxelbo.models.vae`: the Burda et al. (2016) VAE in flax NNX. It is imported on first
+  access (``jaxelbo.models.vae`` or ``from jaxelbo.models import vae``), so that
+  ``import jaxelbo`` never imports flax.
 """
+
+import importlib
 
 from jaxelbo.models import linear_gaussian
 
-__all__ = ["linear_gaussian"]
+__all__ = ["linear_gaussian", "vae"]
 
-try:  # the VAE needs flax; the toy does not
-    from jaxelbo.models import vae  # noqa: F401
 
-    __all__ += ["vae"]
-except ImportError:  # pragma: no cover - vae.py not present or flax missing
-    pass
+def __getattr__(name: str):
+    if name == "vae":
+        return importlib.import_module("jaxelbo.models.vae")
+    raise AttributeError(f"module 'jaxelbo.models' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The ``jaxelbo`` command line: ``jaxelbo {train,evaluate,snr,bench} ...``.
 
-Each sub-command lives in its own module under :mod:`jaxelbo.commands` and exposes
+Each sub-command lives in its own module under :mod:`jaxelbo.app.commands` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and
 imports a command's module (and so JAX) only when that command runs.
 """
@@ -12,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("jaxelbo.commands.train", "train a VAE with a chosen objective and estimator"),
-    "evaluate": ("jaxelbo.commands.evaluate", "re-evaluate a saved training run"),
-    "snr": ("jaxelbo.commands.snr", "gradient signal-to-noise sweep over K and M (Rainforth et al. 2018)"),
-    "bench": ("jaxelbo.commands.bench", "throughput of every objective x estimator on the Burda VAE"),
+    "train": ("jaxelbo.app.commands.train", "train a VAE with a chosen objective and estimator"),
+    "evaluate": ("jaxelbo.app.commands.evaluate", "re-evaluate a saved training run"),
+    "snr": ("jaxelbo.app.commands.snr", "gradient signal-to-noise sweep over K and M (Rainforth et al. 2018)"),
+    "bench": ("jaxelbo.app.commands.bench", "throughput of every objective x estimator on the Burda VAE"),
 }
 
 

@@ -26,7 +26,7 @@ DEFAULTS = {
 _RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
                 "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
                 "binarization", "validation_size")
-DATASET_CHOICES = ("digits", "mnist", "fashion-mnist", "omniglot")  # = jaxelbo.data.DATASETS (no jax import)
+DATASET_CHOICES = ("digits", "mnist", "fashion-mnist", "omniglot")  # = jaxelbo.app.data.DATASETS (no jax import)
 
 
 def _hidden(text: str) -> list[int]:
@@ -101,14 +101,14 @@ def default_out(settings: dict) -> str:
 
 def environment() -> dict:
     """Device, versions and date, as every jaxelbo output records them."""
-    from jaxelbo.environment import describe
+    from jaxelbo.app.environment import describe
 
     return describe()
 
 
 def validate(settings: dict) -> None:
     """Raises ValueError (one line, naming the valid choices) before any training."""
-    from jaxelbo import training
+    from jaxelbo.app import training
 
     training.check_objective(settings["objective"], settings["estimator"])
     for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every"):
@@ -127,7 +127,7 @@ def build_experiment(settings: dict, cache: dict | None = None):
     """
     import jax
 
-    from jaxelbo import data, training
+    from jaxelbo.app import data, training
     from jaxelbo.models import vae
 
     validate(settings)
@@ -155,7 +155,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
     import jax
     import numpy as np
 
-    from jaxelbo import data, evaluation, sharding, training
+    from jaxelbo.app import data, evaluation, sharding, training
 
     t_start = time.perf_counter()
     main_process = jax.process_index() == 0
@@ -234,11 +234,11 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
     }
     if out is not None and main_process:
         if plots:
-            from jaxelbo import plotting_train
+            from jaxelbo.app import plotting
 
             t0 = time.perf_counter()
             records = training.read_metrics(out / "metrics.jsonl")
-            plotting_train.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
+            plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
                                     settings["latent_dim"], seed=settings["seed"],
                                     title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
                                           f"K={settings['num_samples']}")
@@ -261,7 +261,7 @@ def format_summary(summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     try:
-        from jaxelbo import sharding
+        from jaxelbo.app import sharding
 
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         validate(settings)

@@ -125,7 +125,7 @@ def _program_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Device, library versions, date and command line, recorded with every result."""
-    from jaxelbo.environment import describe
+    from jaxelbo.app.environment import describe
 
     return {**describe(), "command": " ".join([_program_name()] + sys.argv[1:])}
 

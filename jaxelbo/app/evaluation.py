@@ -65,7 +65,7 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
     Args:
       model, guide, params: the VAE.
       rng: PRNG key (each quantity and each batch gets its own fold).
-      x: the evaluation set (already binarised, see :func:`jaxelbo.data.evaluation_split`).
+      x: the evaluation set (already binarised, see :func:`jaxelbo.app.data.evaluation_split`).
       encode: ``(phi, x) -> (mean, std)`` for the active-unit count (skipped if None).
       num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000); 0 skips it.
       chunk_size: samples per chunk of the log-likelihood estimate.

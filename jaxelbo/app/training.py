@@ -233,7 +233,7 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
     Args:
       step_fn: from :func:`make_train_step`.
       params, opt_state: initial state (also the structure a checkpoint restores into).
-      batches: a :class:`jaxelbo.data.BatchIterator` (``batches.batch(step)``).
+      batches: a :class:`jaxelbo.app.data.BatchIterator` (``batches.batch(step)``).
       num_steps: global step to stop at.
       seed: the step key is ``fold_in(key(seed), step)``.
       out_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: nothing written).

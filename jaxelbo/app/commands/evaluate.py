@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import jax
 
-    from jaxelbo import data, evaluation, training
-    from jaxelbo.commands.train import environment
+    from jaxelbo.app import data, evaluation, training
+    from jaxelbo.app.commands.train import environment
     from jaxelbo.models import vae
 
     cfg = json.loads(cfg_path.read_text())

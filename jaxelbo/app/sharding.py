@@ -8,7 +8,7 @@ all-reduce of the batch mean (loss and gradients), so sharded and single-device 
 agree up to float summation order.
 
 Every process computes the *same* global batch from ``(seed, step)``
-(:class:`jaxelbo.data.BatchIterator`) and hands each local device its slice through
+(:class:`jaxelbo.app.data.BatchIterator`) and hands each local device its slice through
 ``jax.make_array_from_callback``, so multi-host runs need no data exchange.
 """
 

@@ -70,11 +70,32 @@ def test_npz_and_omniglot(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "omniglot"])
-def test_missing_files_name_what_to_put_where(tmp_path, name):
+def test_missing_files_name_what_to_put_where(tmp_path, name, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "not-installed")
     with pytest.raises(FileNotFoundError, match="put .*(idx3-ubyte|omniglot.npz).* in "):
         data.load(name, tmp_path)
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         data.load(name)
+
+
+def test_fashion_mnist_needs_no_data_dir_where_the_package_installs_it(tmp_path, monkeypatch):
+    train, test = _fake_mnist(tmp_path / "usr-share", gz=True)
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "usr-share")
+    d = data.load("fashion-mnist", validation_size=5)
+    np.testing.assert_allclose(d.test, test.reshape(10, -1) / 255.0, rtol=1e-6)
+    assert d.train.shape == (25, 784)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):  # MNIST still needs --data-dir
+        data.load("mnist")
+
+
+def test_absent_package_says_in_one_line_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("fashion-mnist")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert str(tmp_path / "absent") in message
 
 
 def test_batches_are_a_function_of_seed_and_step():

@@ -11,7 +11,9 @@
 =================  ====================================================================
 
 Files are never downloaded: put them in a directory and pass ``data_dir``; a missing
-file raises an error that names the files and where they go. The binary likelihood of
+file raises an error that names the files and where they go. Fashion-MNIST needs no
+``data_dir`` once Debian's package is installed (``apt-get install dataset-fashion-mnist``
+puts the IDX files in ``/usr/share/datasets/fashion-mnist``). The binary likelihood of
 the VAE is trained with *dynamic binarisation* (Salakhutdinov & Murray 2008; Burda et
 al. 2016): every epoch each grey value is replaced by a fresh Bernoulli draw. The
 validation and test sets are binarised once with a fixed key so that every evaluation
@@ -39,6 +41,10 @@ BINARIZE = ("dynamic", "static", "none")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+# Where a distribution package installs a data set's files, read when no data_dir is given
+# (Debian: ``apt-get install dataset-fashion-mnist``), and the package's name.
+SYSTEM_DATA_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 # Fixed key for the one-off binarisation of the validation and test sets.
 EVAL_BINARIZATION_SEED = 1234
 
@@ -111,7 +117,7 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 
 def _search_dirs(name: str, data_dir: str | os.PathLike) -> list[Path]:
     root = Path(data_dir).expanduser()
-    return [root / name, root / name.replace("-", "_"), root]
+    return list(dict.fromkeys([root / name, root / name.replace("-", "_"), root]))  # no repeats
 
 
 def _find(name: str, data_dir, candidates: list[str]) -> Path | None:
@@ -131,7 +137,9 @@ def _missing(name: str, data_dir, expected: str) -> FileNotFoundError:
 def _load_mnist_like(name: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     stem = name.replace("-", "_")
     expected = (f"{_MNIST_FILES['train']}[.gz] and {_MNIST_FILES['test']}[.gz] (IDX), "
-                f"or {name}.npz / {stem}.npz with arrays x_train and x_test")
+                f"or {' / '.join(dict.fromkeys([f'{name}.npz', f'{stem}.npz']))} with arrays x_train and x_test")
+    if data_dir is None and name in SYSTEM_DATA_DIRS:
+        return _load_system(name, expected)
     if data_dir is None:
         raise _missing(name, data_dir, expected)
     npz = _find(name, data_dir, [f"{name}.npz", f"{stem}.npz"])
@@ -146,6 +154,17 @@ def _load_mnist_like(name: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
             raise _missing(name, data_dir, expected)
         splits.append(_to_unit(read_idx(path)))
     return splits[0], splits[1]
+
+
+def _load_system(name: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
+    """``name``'s files from where its distribution package installs them (:data:`SYSTEM_DATA_DIRS`)."""
+    directory = SYSTEM_DATA_DIRS[name]
+    try:
+        return _load_mnist_like(name, directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{name}: data files not found in {directory}; install them with "
+            f"`apt-get install {SYSTEM_PACKAGES[name]}`, or pass --data-dir DIR holding {expected}") from None
 
 
 def _load_omniglot(data_dir) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +205,8 @@ def load(name: str = "digits", data_dir: str | os.PathLike | None = None, *,
       name: one of :data:`DATASETS`.
       data_dir: directory holding the files of ``mnist``, ``fashion-mnist`` and
         ``omniglot`` (searched in ``data_dir/<name>/`` then ``data_dir/``). Unused
-        for ``digits``.
+        for ``digits``. When None, ``fashion-mnist`` is read from where Debian's
+        ``dataset-fashion-mnist`` package installs it (:data:`SYSTEM_DATA_DIRS`).
       validation_size: rows of the training file held out for validation (default:
         300 of digits' 1497 non-test images, 5000 for the others); 0 for none.
       split_seed: seed of the fixed split (digits: train / validation / test; others:

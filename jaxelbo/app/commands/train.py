@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``jaxelbo train`` (no heavy imports here)."""
     d = DEFAULTS
     parser.add_argument("--dataset", choices=DATASET_CHOICES, default=d["dataset"],
-                        help="data set (digits needs no files; the others read --data-dir)")
+                        help="data set (digits needs no files; fashion-mnist is read from "
+                        "/usr/share/datasets/fashion-mnist after `apt-get install dataset-fashion-mnist`; "
+                        "mnist and omniglot read --data-dir)")
     parser.add_argument("--data-dir", default=None,
                         help="directory with the mnist/fashion-mnist/omniglot files")
     parser.add_argument("--objective", default=d["objective"],

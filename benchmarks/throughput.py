@@ -16,8 +16,9 @@ warm-up excluded; ``block_until_ready``):
    Bernoulli(1/2) pixels), ``K`` in {1, 8, 64, 512}. Each is reported in ms, as a ratio
    to plain IWAE (``iwae``/``reparam``) and as a multiple of the GEMM floor: the same
    step's matrix products alone (forward and backward of encoder and decoder).
-   ``miwae``/``piwae`` use ``M x K/M`` with ``M = 2^floor(log2(K)/2)`` (same total
-   samples), ``ciwae`` ``beta = 0.5``, ``renyi`` ``alpha = 0.5``.
+   Losses come from :func:`jaxelbo.registry.make`: ``miwae``/``piwae`` split the budget as
+   ``M x K/M`` (:func:`jaxelbo.registry.split_budget`, e.g. 512 = 16 x 32), ``beta`` and
+   ``alpha`` take the registry's defaults.
 2. **References**, each checked to give the same gradients on the same noise before it
    is timed: the same VAE written by hand on a ``(B, K)`` batch in plain JAX (IWAE, and
    DReG with a ``custom_vjp`` hook), jaxelbo with a hand-written per-example model
@@ -39,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import random
 import sys
@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
+from jaxelbo import registry  # noqa: E402
 from jaxelbo.app.environment import describe  # noqa: E402
 
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
@@ -158,42 +159,15 @@ class Contender:
     grad_check: dict = field(default_factory=dict)
 
 
-def num_outer_for(num_samples: int) -> int:
-    """``M = 2^floor(log2(K)/2)`` outer groups for MIWAE/PIWAE with ``M*K_inner = K``."""
-    m = 2 ** (int(math.log2(num_samples)) // 2)
-    return m if num_samples % m == 0 else 1
-
-
-def make_loss(objective: str, model, guide, *, num_samples: int, estimator: str):
-    """The jaxelbo loss of ``objective`` with ``num_samples`` samples in total."""
-    m = num_outer_for(num_samples)
-    kwargs = {
-        "elbo": {"num_samples": num_samples},
-        "iwae": {"num_samples": num_samples},
-        "miwae": {"num_outer": m, "num_inner": num_samples // m},
-        "ciwae": {"num_samples": num_samples, "beta": 0.5},
-        "piwae": {"num_outer": m, "num_inner": num_samples // m},
-        "renyi": {"num_samples": num_samples, "alpha": 0.5},
-        "rws": {"num_samples": num_samples},
-    }[objective]
-    return getattr(je, objective)(model, guide, estimator=estimator, **kwargs)
-
-
 def grad_of(loss_fn: Callable) -> Callable:
     """``jax.jit(jax.grad(params -> loss))`` of a jaxelbo ``(loss, aux)`` loss."""
     return jax.jit(jax.grad(lambda params, rng, x: loss_fn(params, rng, x)[0]))
 
 
 def selected_pairs(objectives: list[str] | None, estimators: list[str] | None) -> list[tuple[str, str]]:
-    """Every (objective, estimator) of ``je.OBJECTIVES`` passing the filters; validates them."""
-    for name in objectives or []:
-        if name not in je.OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; valid objectives are {tuple(je.OBJECTIVES)}")
-    for name in estimators or []:
-        if name not in je.ESTIMATORS:
-            raise ValueError(f"unknown estimator {name!r}; valid estimators are {je.ESTIMATORS}")
-    pairs = [(o, e) for o, ests in je.OBJECTIVES.items() for e in ests
-             if (objectives is None or o in objectives) and (estimators is None or e in estimators)]
+    """Every supported (objective, estimator) passing the filters (:func:`jaxelbo.registry.pairs`:
+    unknown names and unsupported pairs are refused as ``jaxelbo train`` refuses them)."""
+    pairs = registry.pairs(objectives, estimators)
     if REFERENCE not in pairs:
         pairs.insert(0, REFERENCE)  # every ratio is taken against plain IWAE
     return pairs
@@ -206,7 +180,7 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
     out = []
     grads = {}
     for objective, estimator in pairs:
-        fn = grad_of(make_loss(objective, model, guide, num_samples=num_samples, estimator=estimator))
+        fn = grad_of(registry.make(objective, model, guide, estimator=estimator, num_samples=num_samples))
         out.append(Contender(f"jaxelbo {objective}/{estimator}", "jaxelbo", objective, estimator,
                              jax_step(fn, params, rng, x)))
         if objective == "iwae" and estimator in ("reparam", "dreg"):

@@ -8,9 +8,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxelbo import log_weights as lw_lib
-from jaxelbo.objectives import LossFn, _check_count, check_inputs
-from jaxelbo.types import Guide, Model, PyTree
+from jaxelbo._validation import check_count, check_inputs
+from jaxelbo.log_weights import (
+    batch_size_of,
+    log_joint_latents,
+    log_prob_latents,
+    log_weights,
+    sample_keys,
+    sample_latents,
+)
+from jaxelbo.types import Guide, LossFn, Model, PyTree
 
 # --------------------------------------------------------------------------------------
 # Gradient replicates and signal-to-noise ratio
@@ -29,12 +36,12 @@ def gradient_replicates(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree
     Returns:
       A pytree like ``params`` whose leaves have a leading axis ``num_replicates``.
     """
-    num_replicates = _check_count("num_replicates", num_replicates)
+    num_replicates = check_count("num_replicates", num_replicates)
     keys = jax.random.split(rng, num_replicates)
     grad_fn = jax.grad(lambda p, key: loss_fn(p, key, x)[0])
     if chunk_size is None or chunk_size >= num_replicates:
         return jax.vmap(grad_fn, in_axes=(None, 0))(params, keys)
-    chunk_size = _check_count("chunk_size", chunk_size)
+    chunk_size = check_count("chunk_size", chunk_size)
     return jax.lax.map(lambda key: grad_fn(params, key), keys, batch_size=chunk_size)
 
 
@@ -92,19 +99,19 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
     Returns:
       ``(B,)`` estimates, each a stochastic lower bound whose gap shrinks as ``O(1/K)``.
     """
-    num_samples = _check_count("num_samples", num_samples)
-    chunk = num_samples if chunk_size is None else min(_check_count("chunk_size", chunk_size), num_samples)
+    num_samples = check_count("num_samples", num_samples)
+    chunk = num_samples if chunk_size is None else min(check_count("chunk_size", chunk_size), num_samples)
     num_chunks = -(-num_samples // chunk)
     check_inputs(model, guide, params, rng, x)
 
     def body(carry, i):
-        lw = lw_lib.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
+        lw = log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
         valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
         return _streaming_logsumexp(carry, jnp.where(valid, lw, -jnp.inf), axis=-1), None
 
-    batch = lw_lib.batch_size_of(x)
+    batch = batch_size_of(x)
     dtype = jax.eval_shape(
-        lambda: lw_lib.log_weights(model, guide, params, rng, x, num_samples=1)).dtype
+        lambda: log_weights(model, guide, params, rng, x, num_samples=1)).dtype
     init = (jnp.full((batch,), -jnp.inf, dtype), jnp.zeros((batch,), dtype))
     (running_max, running_sum), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
     return running_max + jnp.log(running_sum) - math.log(num_samples)
@@ -127,17 +134,17 @@ def importance_resample(model: Model, guide: Guide, params: dict, rng: jax.Array
     Returns:
       ``num_draws`` latents, leaves shaped ``(num_draws, *z)``.
     """
-    num_samples = _check_count("num_samples", num_samples)
-    num_draws = _check_count("num_draws", num_draws)
+    num_samples = check_count("num_samples", num_samples)
+    num_draws = check_count("num_draws", num_draws)
     x_batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
     check_inputs(model, guide, params, rng, x_batch)
 
     def one_draw(key):
         k_sample, k_pick = jax.random.split(key)
-        keys = lw_lib.sample_keys(k_sample, 1, num_samples)
-        z = lw_lib.sample_latents(guide, params["guide"], keys, x_batch)
-        lw = (lw_lib.log_joint_latents(model, params["model"], x_batch, z)
-              - lw_lib.log_prob_latents(guide, params["guide"], x_batch, z))[0]
+        keys = sample_keys(k_sample, 1, num_samples)
+        z = sample_latents(guide, params["guide"], keys, x_batch)
+        lw = (log_joint_latents(model, params["model"], x_batch, z)
+              - log_prob_latents(guide, params["guide"], x_batch, z))[0]
         j = jax.random.categorical(k_pick, lw)
         return jax.tree_util.tree_map(lambda leaf: leaf[0, j], z)
 
@@ -181,14 +188,14 @@ def elbo_surgery(model: Model, guide: Guide, params: dict, rng: jax.Array, x_all
     against all N guides, ``chunk_size`` data points at a time with a streaming
     logsumexp, so memory is ``O(N * num_samples * chunk_size)`` scalars.
     """
-    num_samples = _check_count("num_samples", num_samples)
-    chunk_size = _check_count("chunk_size", chunk_size)
+    num_samples = check_count("num_samples", num_samples)
+    chunk_size = check_count("chunk_size", chunk_size)
     check_inputs(model, guide, params, rng, x_all)
     theta, phi = params["model"], params["guide"]
-    n = lw_lib.batch_size_of(x_all)
-    keys = lw_lib.sample_keys(rng, n, num_samples)
-    z = lw_lib.sample_latents(guide, phi, keys, x_all)                      # (N, S, ...)
-    log_q_own = lw_lib.log_prob_latents(guide, phi, x_all, z)               # (N, S)
+    n = batch_size_of(x_all)
+    keys = sample_keys(rng, n, num_samples)
+    z = sample_latents(guide, phi, keys, x_all)                      # (N, S, ...)
+    log_q_own = log_prob_latents(guide, phi, x_all, z)               # (N, S)
     log_prior = jax.vmap(jax.vmap(model.log_prior, (None, 0)), (None, 0))(theta, z)
     log_lik = jax.vmap(jax.vmap(model.log_likelihood, (None, None, 0)), (None, 0, 0))(theta, x_all, z)
 

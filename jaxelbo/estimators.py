@@ -47,7 +47,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxelbo import log_weights as lw_lib
+from jaxelbo.log_weights import (
+    batch_size_of,
+    log_joint_latents,
+    log_mean_exp,
+    log_prob_latents,
+    sample_keys,
+    sample_latents,
+)
 from jaxelbo.types import Guide, Model, PyTree
 
 ESTIMATORS = ("reparam", "stl", "dreg", "score", "vimco")
@@ -59,17 +66,6 @@ sg = jax.lax.stop_gradient
 BoundFn = Callable[[jax.Array], jax.Array]     # (B, *S) log-weights -> (B,) bound
 RatioFn = Callable[[jax.Array], jax.Array]     # (B, *S) log-weights -> (B, *S) d / c
 SignalFn = Callable[[jax.Array], jax.Array]    # (B, *S) log-weights -> (B, *S) learning signal
-
-
-def check_estimator(estimator: str, supported: tuple[str, ...], objective: str) -> None:
-    """Raise a clear error for an unknown estimator or one ``objective`` does not support."""
-    if not isinstance(estimator, str):
-        raise TypeError(f"estimator must be a string, one of {ESTIMATORS}; got {estimator!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; valid estimators are {ESTIMATORS}")
-    if estimator not in supported:
-        raise ValueError(f"{objective} does not support estimator {estimator!r}; "
-                         f"{objective} supports {supported}")
 
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def iwae_score_signal(log_weights: jax.Array) -> jax.Array:
     ``L = log 1/K sum_j w~_j`` and the baseline ``b_k = log 1/(K-1) sum_{j != k} w~_j``
     (the IWAE_{K-1} bound of the other samples) does not depend on ``z_k``. K = 1: b = 0.
     """
-    bound = lw_lib.log_mean_exp(log_weights)[..., None]
+    bound = log_mean_exp(log_weights)[..., None]
     k = log_weights.shape[-1]
     if k == 1:
         return jnp.broadcast_to(bound, log_weights.shape)
@@ -124,7 +120,7 @@ def vimco_signal(log_weights: jax.Array) -> jax.Array:
     with ``w~_k`` replaced by the geometric mean of the others. K = 1 has no other
     samples; the baseline is then 0 (plain REINFORCE).
     """
-    bound = lw_lib.log_mean_exp(log_weights)[..., None]
+    bound = log_mean_exp(log_weights)[..., None]
     k = log_weights.shape[-1]
     if k == 1:
         return jnp.broadcast_to(bound, log_weights.shape)
@@ -165,12 +161,12 @@ def _routed_log_weights(model: Model, guide: Guide, ratio_fn: RatioFn, sample_sh
     """
 
     def forward(theta, phi, keys, x):
-        z, vjp_sample = jax.vjp(lambda p: lw_lib.sample_latents(guide, p, keys, x), phi)
-        log_p, vjp_log_p = jax.vjp(lambda t, z: lw_lib.log_joint_latents(model, t, x, z), theta, z)
+        z, vjp_sample = jax.vjp(lambda p: sample_latents(guide, p, keys, x), phi)
+        log_p, vjp_log_p = jax.vjp(lambda t, z: log_joint_latents(model, t, x, z), theta, z)
         if direct:
-            log_q, vjp_log_q = jax.vjp(lambda p, z: lw_lib.log_prob_latents(guide, p, x, z), phi, z)
+            log_q, vjp_log_q = jax.vjp(lambda p, z: log_prob_latents(guide, p, x, z), phi, z)
         else:
-            log_q, vjp_log_q = jax.vjp(lambda z: lw_lib.log_prob_latents(guide, sg(phi), x, z), z)
+            log_q, vjp_log_q = jax.vjp(lambda z: log_prob_latents(guide, sg(phi), x, z), z)
         log_w = log_p - log_q
         batch = log_w.shape[0]
         ratio = ratio_fn(log_w.reshape((batch, *sample_shape))).reshape(log_w.shape)
@@ -213,8 +209,8 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
         ratio of ``phi``'s weights to ``theta``'s for ``reparam``/``stl``.
     """
     theta, phi = params["model"], params["guide"]
-    batch = lw_lib.batch_size_of(x)
-    keys = lw_lib.sample_keys(rng, batch, math.prod(sample_shape))
+    batch = batch_size_of(x)
+    keys = sample_keys(rng, batch, math.prod(sample_shape))
     if estimator == "dreg":
         if dreg_ratio is None:
             raise ValueError("this objective has no DReG weights")
@@ -222,9 +218,9 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
     else:
         ratio, direct = phi_ratio, estimator == "reparam"
     if ratio is None:
-        z = lw_lib.sample_latents(guide, phi, keys, x)
-        log_q = lw_lib.log_prob_latents(guide, phi if direct else sg(phi), x, z)
-        log_w = lw_lib.log_joint_latents(model, theta, x, z) - log_q
+        z = sample_latents(guide, phi, keys, x)
+        log_q = log_prob_latents(guide, phi if direct else sg(phi), x, z)
+        log_w = log_joint_latents(model, theta, x, z) - log_q
     else:
         log_w = _routed_log_weights(model, guide, ratio, sample_shape, direct)(theta, phi, keys, x)
     log_w = log_w.reshape((batch, *sample_shape))
@@ -241,11 +237,11 @@ def score_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x:
     ``direct``, the direct term ``-c_k dlog q(z_k)/dphi`` of ``F``.
     """
     theta, phi = params["model"], params["guide"]
-    batch = lw_lib.batch_size_of(x)
-    keys = lw_lib.sample_keys(rng, batch, math.prod(sample_shape))
-    z = sg(lw_lib.sample_latents(guide, phi, keys, x))
-    log_p = lw_lib.log_joint_latents(model, theta, x, z)
-    log_q = lw_lib.log_prob_latents(guide, phi, x, z)
+    batch = batch_size_of(x)
+    keys = sample_keys(rng, batch, math.prod(sample_shape))
+    z = sg(sample_latents(guide, phi, keys, x))
+    log_p = log_joint_latents(model, theta, x, z)
+    log_q = log_prob_latents(guide, phi, x, z)
     shape = (batch, *sample_shape)
     log_w = (log_p - (log_q if direct else sg(log_q))).reshape(shape)
     signal = sg(signal_fn(log_w))

@@ -21,29 +21,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxelbo._validation import batch_size_of  # noqa: F401  (re-exported: lw_lib.batch_size_of)
 from jaxelbo.types import Guide, Model, PyTree
 
 
 def sample_keys(rng: jax.Array, batch_size: int, num_samples: int) -> jax.Array:
     """One key per (example, sample): shape ``(batch_size, num_samples)`` of keys."""
     return jax.random.split(rng, (batch_size, num_samples))
-
-
-def batch_size_of(x: PyTree) -> int:
-    """The leading (batch) axis shared by every leaf of ``x``; raises if there is none."""
-    leaves = jax.tree_util.tree_leaves(x)
-    if not leaves:
-        raise ValueError("x is empty: expected a batch with a leading axis B")
-    sizes = set()
-    for leaf in leaves:
-        if jnp.ndim(leaf) == 0:
-            raise ValueError(
-                f"x must be a batch with a leading axis B, got a scalar leaf of shape {jnp.shape(leaf)}; "
-                "for one example use x[None]")
-        sizes.add(jnp.shape(leaf)[0])
-    if len(sizes) != 1:
-        raise ValueError(f"every leaf of x must share the leading batch axis, got sizes {sorted(sizes)}")
-    return sizes.pop()
 
 
 def _per_example(fn: Callable, *in_axes) -> Callable:

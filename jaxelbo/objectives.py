@@ -21,95 +21,17 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxelbo import estimators as est
-from jaxelbo import log_weights as lw_lib
-from jaxelbo.types import Guide, Model, PyTree
-
-LossFn = Callable[[dict, jax.Array, PyTree], tuple[jax.Array, dict]]
-
-#: Every objective and the estimators it supports (the design's table).
-OBJECTIVES: dict[str, tuple[str, ...]] = {
-    "elbo": ("reparam", "stl", "score"),
-    "iwae": ("reparam", "stl", "dreg", "score", "vimco"),
-    "miwae": ("reparam", "stl", "dreg"),
-    "ciwae": ("reparam", "stl", "dreg"),
-    "piwae": ("reparam", "dreg"),
-    "renyi": ("reparam", "stl", "dreg"),
-    "rws": ("score", "dreg"),
-}
+from jaxelbo import registry
+from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
+from jaxelbo.log_weights import effective_sample_size, log_mean_exp
+from jaxelbo.types import Guide, LossFn, Model, PyTree
 
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; see `piwae`.
-
-
-# --------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python float, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_model_guide(model: Model, guide: Guide) -> None:
-    if not isinstance(model, Model):
-        raise TypeError("model must be a jaxelbo.Model(log_prior, log_likelihood), "
-                        f"got {type(model).__name__}")
-    if not isinstance(guide, Guide):
-        raise TypeError(f"guide must be a jaxelbo.Guide(sample, log_prob), got {type(guide).__name__}")
-
-
-def check_inputs(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree) -> None:
-    """Trace-time checks of ``params``, the batch and the per-example functions' shapes.
-
-    Runs the model and guide abstractly (``jax.eval_shape``) on ``x[0]``: costs no FLOPs
-    and, under ``jit``, happens once per compilation.
-    """
-    if not isinstance(params, dict) or set(params) != {"model", "guide"}:
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise TypeError(f'params must be a dict {{"model": theta, "guide": phi}}, got {got}')
-    lw_lib.batch_size_of(x)
-    theta, phi = params["model"], params["guide"]
-    x0 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), x)
-    key = jax.eval_shape(lambda r: lw_lib.sample_keys(r, 1, 1)[0, 0], rng)
-    shapes = jax.tree_util.tree_map(lambda s: s.shape, x0)
-    try:
-        z = jax.eval_shape(guide.sample, phi, key, x0)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"guide.sample(phi, rng, x[0]) failed on one example of shape {shapes}; "
-                         f"is x a batch with a leading axis B? ({type(e).__name__}: {e})") from e
-    z_shapes = jax.tree_util.tree_map(lambda s: s.shape, z)
-    for name, fn, args in [("guide.log_prob(phi, x, z)", guide.log_prob, (phi, x0, z)),
-                           ("model.log_prior(theta, z)", model.log_prior, (theta, z)),
-                           ("model.log_likelihood(theta, x, z)", model.log_likelihood, (theta, x0, z))]:
-        try:
-            out = jax.eval_shape(fn, *args)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise ValueError(f"{name} failed on the z of shape {z_shapes} that guide.sample returns "
-                             f"(x[0] of shape {shapes}); do sample and log_prob agree? "
-                             f"({type(e).__name__}: {e})") from e
-        if not (hasattr(out, "shape") and out.shape == ()):
-            got = jax.tree_util.tree_map(lambda s: s.shape, out)
-            raise ValueError(f"{name} must return a scalar for one example, got shape {got} "
-                             f"(z from guide.sample has shape {z_shapes}); sum over the latent and "
-                             "data dimensions, and check that sample and log_prob agree")
 
 
 # --------------------------------------------------------------------------------------
@@ -121,8 +43,8 @@ def _objective(name: str, model: Model, guide: Guide, *, estimator: str, sample_
                bound_fn: est.BoundFn, dreg_ratio: est.RatioFn | None = None,
                phi_ratio: est.RatioFn | None = None, signal_fn: dict | None = None,
                direct_score: bool = True) -> LossFn:
-    _check_model_guide(model, guide)
-    est.check_estimator(estimator, OBJECTIVES[name], name)
+    check_model_guide(model, guide)
+    registry.check_estimator(name, estimator)
 
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
         check_inputs(model, guide, params, rng, x)
@@ -135,7 +57,7 @@ def _objective(name: str, model: Model, guide: Guide, *, estimator: str, sample_
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=bound_fn,
                 signal_fn=signal_fn[estimator], direct=direct_score)
         log_w = jax.lax.stop_gradient(log_w)
-        ess = lw_lib.effective_sample_size(log_w, axis=-1)
+        ess = effective_sample_size(log_w, axis=-1)
         aux = {"bound": jax.lax.stop_gradient(surrogate), "log_weights": log_w,
                "ess": ess.reshape(ess.shape[0], -1).mean(axis=-1)}
         return -jnp.mean(surrogate), aux
@@ -162,7 +84,7 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
     Estimators: ``reparam``, ``stl`` (Roeder et al. 2017), ``score`` (leave-one-out
     baseline ``mean_{j != k} log w~_j`` when K > 1).
     """
-    k = _check_count("num_samples", num_samples)
+    k = check_count("num_samples", num_samples)
     return _objective("elbo", model, guide, estimator=estimator, sample_shape=(k,),
                       bound_fn=lambda lw: jnp.mean(lw, axis=-1),
                       signal_fn={"score": est.elbo_score_signal})
@@ -179,9 +101,9 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
     arXiv:1810.04152), ``score`` (leave-one-out IWAE_{K-1} baseline), ``vimco`` (Mnih &
     Rezende 2016, arXiv:1602.06725).
     """
-    k = _check_count("num_samples", num_samples)
+    k = check_count("num_samples", num_samples)
     return _objective("iwae", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=lw_lib.log_mean_exp, dreg_ratio=_softmax,
+                      bound_fn=log_mean_exp, dreg_ratio=_softmax,
                       signal_fn={"score": est.iwae_score_signal, "vimco": est.vimco_signal})
 
 
@@ -193,10 +115,10 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
 
     ``dreg`` gives ``phi`` the mean of the M IWAE-DReG terms.
     """
-    m = _check_count("num_outer", num_outer)
-    k = _check_count("num_inner", num_inner)
+    m = check_count("num_outer", num_outer)
+    k = check_count("num_inner", num_inner)
     return _objective("miwae", model, guide, estimator=estimator, sample_shape=(m, k),
-                      bound_fn=lambda lw: jnp.mean(lw_lib.log_mean_exp(lw), axis=-1),
+                      bound_fn=lambda lw: jnp.mean(log_mean_exp(lw), axis=-1),
                       dreg_ratio=_softmax)
 
 
@@ -207,13 +129,13 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
     The weights of sample k are ``c_k = beta/K + (1 - beta) w_k``; ``dreg`` applies only to
     the IWAE part: ``phi`` gets ``sum_k (beta/K + (1 - beta) w_k^2) g_k``.
     """
-    k = _check_count("num_samples", num_samples)
-    beta = _check_real("beta", beta)
+    k = check_count("num_samples", num_samples)
+    beta = check_real("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
 
     def bound_fn(lw):
-        return beta * jnp.mean(lw, axis=-1) + (1.0 - beta) * lw_lib.log_mean_exp(lw)
+        return beta * jnp.mean(lw, axis=-1) + (1.0 - beta) * log_mean_exp(lw)
 
     def dreg_ratio(lw):
         w = _softmax(lw)
@@ -239,8 +161,8 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     group whose share of the total weight underflows (below ``exp(-80)`` in float32)
     contributes nothing to ``phi``'s gradient.
     """
-    m = _check_count("num_outer", num_outer)
-    k = _check_count("num_inner", num_inner)
+    m = check_count("num_outer", num_outer)
+    k = check_count("num_inner", num_inner)
 
     def log_group_share(lw):  # log of (1/M) / (sum_k W_mk) = LSE_all - LSE_m - log M
         lse_m = jax.nn.logsumexp(lw, axis=-1, keepdims=True)
@@ -256,7 +178,7 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
         return jnp.exp(jnp.minimum(log_r + lw - lse_m, _MAX_LOG_RATIO))
 
     return _objective("piwae", model, guide, estimator=estimator, sample_shape=(m, k),
-                      bound_fn=lambda lw: lw_lib.log_mean_exp(lw.reshape(lw.shape[0], -1)),
+                      bound_fn=lambda lw: log_mean_exp(lw.reshape(lw.shape[0], -1)),
                       phi_ratio=phi_ratio, dreg_ratio=dreg_ratio)
 
 
@@ -272,13 +194,13 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
     ``dreg`` gives ``phi`` ``sum_k (alpha v_k + (1 - alpha) v_k^2) g_k``, from the same
     reparameterisation identity as IWAE-DReG (``alpha = 1`` reduces it to STL).
     """
-    k = _check_count("num_samples", num_samples)
-    alpha = _check_real("alpha", alpha)
+    k = check_count("num_samples", num_samples)
+    alpha = check_real("alpha", alpha)
 
     def bound_fn(lw):
         if alpha == 1.0:
             return jnp.mean(lw, axis=-1)
-        return lw_lib.log_mean_exp((1.0 - alpha) * lw) / (1.0 - alpha)
+        return log_mean_exp((1.0 - alpha) * lw) / (1.0 - alpha)
 
     def dreg_ratio(lw):
         return alpha + (1.0 - alpha) * _softmax((1.0 - alpha) * lw)
@@ -296,7 +218,23 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
     doubly-reparameterised form ``sum_k (w_k - w_k^2) g_k`` (``dreg``; Tucker et al.
     2019). The loss value is ``-IWAE_K``.
     """
-    k = _check_count("num_samples", num_samples)
+    k = check_count("num_samples", num_samples)
     return _objective("rws", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=lw_lib.log_mean_exp, dreg_ratio=lambda lw: 1.0 - _softmax(lw),
+                      bound_fn=log_mean_exp, dreg_ratio=lambda lw: 1.0 - _softmax(lw),
                       signal_fn={"score": _softmax}, direct_score=False)
+
+
+# --------------------------------------------------------------------------------------
+# The registry: name -> constructor, estimators, budget split, extra keywords
+# --------------------------------------------------------------------------------------
+
+registry.register("elbo", elbo, estimators=("reparam", "stl", "score"))
+registry.register("iwae", iwae, estimators=("reparam", "stl", "dreg", "score", "vimco"))
+registry.register("miwae", miwae, estimators=("reparam", "stl", "dreg"), nested=True)
+registry.register("ciwae", ciwae, estimators=("reparam", "stl", "dreg"), keywords={"beta": 0.5})
+registry.register("piwae", piwae, estimators=("reparam", "dreg"), nested=True)
+registry.register("renyi", renyi, estimators=("reparam", "stl", "dreg"), keywords={"alpha": 0.5})
+registry.register("rws", rws, estimators=("score", "dreg"))
+
+#: Every objective and the estimators it supports (the design's table), read from the registry.
+OBJECTIVES = registry.OBJECTIVES

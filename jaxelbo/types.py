@@ -16,6 +16,9 @@ import jax
 
 PyTree = Any
 Params = dict  # {"model": theta, "guide": phi}
+#: What every objective returns: ``(params, rng, x) -> (loss, aux)``; ``jax.grad`` of the
+#: loss is the gradient estimator and ``aux`` a dict (``bound``, ``log_weights``, ``ess``).
+LossFn = Callable[[Params, jax.Array, PyTree], tuple[jax.Array, Any]]
 
 
 class Model(NamedTuple):

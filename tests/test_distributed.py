@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Shared by every case: a tiny VAE on digits, IWAE-DReG with K = 4, batch 16, 4 steps.
 COMMON = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
+    from jaxelbo import registry
     from jaxelbo.app import data, sharding, training
     from jaxelbo.models import vae
 
@@ -26,7 +27,7 @@ COMMON = textwrap.dedent("""
         ds = data.load()
         net = vae.build(jax.random.key(0), ds.data_dim, hidden=(16,), latent_dim=3,
                         output_bias=vae.data_mean_logits(ds.train))
-        loss_fn = training.make_loss(net.model, net.guide, "iwae", "dreg", num_samples=4)
+        loss_fn = registry.make("iwae", net.model, net.guide, estimator="dreg", num_samples=4)
         opt = training.make_optimizer(1e-2)
         return ds, net, loss_fn, opt
 

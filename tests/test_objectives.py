@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxelbo as je
+from jaxelbo import registry
 from jaxelbo.models import linear_gaussian as lg
 
 pytestmark = pytest.mark.usefixtures("strict_numerics")
@@ -28,20 +29,22 @@ def perturbed(params):
 
 PARAMS = perturbed(lg.optimal_params(MU))
 
-KWARGS = {
-    "elbo": dict(num_samples=5),
-    "iwae": dict(num_samples=5),
-    "miwae": dict(num_outer=2, num_inner=3),
-    "ciwae": dict(num_samples=5, beta=0.4),
-    "piwae": dict(num_outer=2, num_inner=3),
-    "renyi": dict(num_samples=5, alpha=0.5),
-    "rws": dict(num_samples=5),
-}
+BUDGET = 6  # samples per example: K = 6, or M x K = 2 x 3 for miwae/piwae (jaxelbo.registry.split_budget)
 CASES = [(o, e) for o, ests in je.OBJECTIVES.items() for e in ests]
 
 
+def kwargs_of(objective, **overrides):
+    """The constructor's keywords at the test budget (the registry's split and defaults)."""
+    return {**registry.objective_kwargs(objective, num_samples=BUDGET), **overrides}
+
+
+def log_weights_shape(objective):
+    nested = registry.get(objective).nested
+    return (B, *registry.split_budget(BUDGET)) if nested else (B, BUDGET)
+
+
 def make(objective, estimator, model=MODEL, guide=GUIDE, **overrides):
-    return getattr(je, objective)(model, guide, estimator=estimator, **{**KWARGS[objective], **overrides})
+    return registry.get(objective).constructor(model, guide, estimator=estimator, **kwargs_of(objective, **overrides))
 
 
 def bound(objective, **overrides):
@@ -59,7 +62,7 @@ def test_conformance(objective, estimator):
     (loss, aux), grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, RNG, X), has_aux=True))(PARAMS)
     chex.assert_shape(loss, ())
     chex.assert_shape([aux["bound"], aux["ess"]], (B,))
-    lw_shape = (B, 2, 3) if objective in ("miwae", "piwae") else (B, 5)
+    lw_shape = log_weights_shape(objective)
     chex.assert_shape(aux["log_weights"], lw_shape)
     chex.assert_trees_all_equal_structs(grads, PARAMS)
     chex.assert_tree_all_finite((loss, aux, grads))
@@ -117,7 +120,7 @@ def test_iwae_with_one_sample_is_the_elbo():
 
 
 def test_miwae_with_one_outer_sample_is_iwae():
-    np.testing.assert_allclose(bound("miwae", num_outer=1, num_inner=5), bound("iwae"), rtol=1e-6)
+    np.testing.assert_allclose(bound("miwae", num_outer=1, num_inner=BUDGET), bound("iwae"), rtol=1e-6)
 
 
 @pytest.mark.parametrize("beta,other", [(1.0, "elbo"), (0.0, "iwae")])
@@ -139,7 +142,7 @@ def test_renyi_is_monotone_in_alpha():
 
 def test_piwae_bound_is_iwae_over_all_samples():
     lw = make("piwae", "reparam")(PARAMS, RNG, X)[1]["log_weights"]
-    np.testing.assert_allclose(bound("piwae"), jax.nn.logsumexp(lw.reshape(B, -1), -1) - np.log(6), rtol=1e-6)
+    np.testing.assert_allclose(bound("piwae"), jax.nn.logsumexp(lw.reshape(B, -1), -1) - np.log(BUDGET), rtol=1e-6)
 
 
 def test_iwae_increases_with_k_and_stays_below_log_px():
@@ -217,7 +220,7 @@ def two_pass_dreg(objective, params, rng, x, **kwargs):
 def test_single_pass_dreg_matches_two_pass_reference(objective, maybe_jit):
     loss_fn = make(objective, "dreg")
     got = maybe_jit(jax.grad(lambda p: loss_fn(p, RNG, X)[0]))(PARAMS)
-    want = maybe_jit(jax.grad(lambda p: two_pass_dreg(objective, p, RNG, X, **KWARGS[objective])))(PARAMS)
+    want = maybe_jit(jax.grad(lambda p: two_pass_dreg(objective, p, RNG, X, **kwargs_of(objective))))(PARAMS)
     chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
 
 
@@ -231,7 +234,7 @@ def test_theta_gradient_is_w_weighted():
     """theta's gradient is sum_k w_k grad log p(x, z_k): check against the formula."""
     loss_fn = make("iwae", "dreg")
     got = jax.grad(lambda p: loss_fn(p, RNG, X)[0])(PARAMS)["model"]["mu"]
-    keys = jax.random.split(RNG, (B, 5))
+    keys = jax.random.split(RNG, (B, BUDGET))
     z = jax.vmap(jax.vmap(lambda k, xx: GUIDE.sample(PARAMS["guide"], k, xx), (0, None)))(keys, X)
     lw = make("iwae", "reparam")(PARAMS, RNG, X)[1]["log_weights"]
     w = jax.nn.softmax(lw, -1)
@@ -248,10 +251,11 @@ def test_theta_gradient_is_w_weighted():
     (lambda: je.iwae(MODEL, GUIDE, num_samples=2.5, estimator="dreg"), "num_samples must be an integer"),
     (lambda: je.miwae(MODEL, GUIDE, num_outer=0, num_inner=3), "num_outer must be >= 1"),
     (lambda: je.piwae(MODEL, GUIDE, num_outer=2, num_inner=0), "num_inner must be >= 1"),
-    (lambda: je.iwae(MODEL, GUIDE, num_samples=3, estimator="nope"), "valid estimators are"),
+    (lambda: je.iwae(MODEL, GUIDE, num_samples=3, estimator="nope"), "valid choices: reparam, stl"),
     (lambda: je.elbo(MODEL, GUIDE, num_samples=3, estimator="vimco"), 
-     "elbo does not support estimator 'vimco'"),
-    (lambda: je.piwae(MODEL, GUIDE, num_outer=2, num_inner=3, estimator="stl"), "piwae supports"),
+     "objective 'elbo' does not support estimator 'vimco'"),
+    (lambda: je.piwae(MODEL, GUIDE, num_outer=2, num_inner=3, estimator="stl"),
+     "valid choices for piwae: reparam, dreg"),
     (lambda: je.ciwae(MODEL, GUIDE, num_samples=3, beta=1.5), r"beta must lie in \[0, 1\]"),
     (lambda: je.ciwae(MODEL, GUIDE, num_samples=3, beta=-0.1), r"beta must lie in \[0, 1\]"),
     (lambda: je.renyi(MODEL, GUIDE, num_samples=3, alpha=float("nan")), "alpha must be finite"),

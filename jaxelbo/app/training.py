@@ -1,8 +1,8 @@
-"""Training: objective construction by name, optax optimisers, a pure step, and a loop.
+"""Training: optax optimisers, a pure step, and a loop.
 
-* :func:`make_loss` maps an objective name (``elbo``, ``iwae``, ``miwae``, ``ciwae``,
-  ``piwae``, ``renyi``, ``rws``) and an estimator name to a jaxelbo loss function,
-  checking the pair against :data:`jaxelbo.OBJECTIVES` first.
+Losses come from :func:`jaxelbo.registry.make` (an objective and an estimator by name, at a
+sample budget).
+
 * :func:`make_optimizer` builds separate optimisers for the decoder (theta,
   ``params["model"]``) and the encoder (phi, ``params["guide"]``) with
   :func:`optax.partition`, wrapped in :func:`optax.apply_if_finite` so that a step with
@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,62 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxelbo as je
+from jaxelbo.types import LossFn
 
-LossFn = Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 StepFn = Callable[[dict, Any, jax.Array, jax.Array], tuple[dict, Any, dict]]
-
-# Objectives whose sample budget is split as num_outer x num_inner.
-NESTED_OBJECTIVES = ("miwae", "piwae")
-
-
-def check_objective(objective: str, estimator: str) -> None:
-    """Raises ``ValueError`` naming the valid choices if the pair is not supported."""
-    if objective not in je.OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid choices: {', '.join(je.OBJECTIVES)}")
-    valid = je.OBJECTIVES[objective]
-    if estimator not in valid:
-        if estimator not in je.ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; valid choices: {', '.join(je.ESTIMATORS)}")
-        raise ValueError(f"objective {objective!r} does not support estimator {estimator!r}; "
-                         f"valid choices for {objective}: {', '.join(valid)}")
-
-
-def make_loss(model: je.Model, guide: je.Guide, objective: str = "iwae", estimator: str = "dreg", *,
-              num_samples: int = 64, num_outer: int | None = None, beta: float = 0.5,
-              alpha: float = 0.5) -> LossFn:
-    """The jaxelbo loss of ``objective`` with ``estimator`` at a budget of ``num_samples``.
-
-    ``miwae`` and ``piwae`` split the budget as ``num_outer * num_inner = num_samples``
-    (``num_outer`` must divide it; default ``num_outer = round(sqrt(num_samples))`` when
-    that divides); the others ignore ``num_outer`` (which must then be None or 1).
-    ``beta`` is CIWAE's mixing weight, ``alpha`` the Renyi order.
-
-    Raises:
-      ValueError: unknown names, an unsupported pair, or a budget that does not split.
-    """
-    check_objective(objective, estimator)
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    num_samples = int(num_samples)
-    if objective in NESTED_OBJECTIVES:
-        if num_outer is None:
-            root = int(round(math.sqrt(num_samples)))
-            num_outer = root if root * root == num_samples else 1
-        if num_outer < 1 or num_samples % num_outer:
-            raise ValueError(f"num_outer ({num_outer}) must be a positive divisor of "
-                             f"num_samples ({num_samples})")
-        kwargs = {"num_outer": int(num_outer), "num_inner": num_samples // int(num_outer)}
-    else:
-        if num_outer not in (None, 1):
-            raise ValueError(f"num_outer is only used by {', '.join(NESTED_OBJECTIVES)}, "
-                             f"not by {objective!r}")
-        kwargs = {"num_samples": num_samples}
-    if objective == "ciwae":
-        kwargs["beta"] = float(beta)
-    if objective == "renyi":
-        kwargs["alpha"] = float(alpha)
-    return getattr(je, objective)(model, guide, estimator=estimator, **kwargs)
 
 
 def param_labels(params: dict) -> dict:

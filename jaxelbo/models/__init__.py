@@ -1,6 +1,8 @@
 """Models with the contract's ``(Model, Guide, params)`` form.
 
 - :mod:`jaxelbo.models.linear_gaussian`: the linear-Gaussian toy with closed forms (core: jax only).
+- :mod:`jaxelbo.models.hierarchical_gaussian`: its two-layer version, ``q(z1|x) q(z2|z1)``, with
+  closed forms (core: jax only).
 - :mod:`jaxelbo.models.vae`: the Burda et al. (2016) VAE in flax NNX. It is imported on first
   access (``jaxelbo.models.vae`` or ``from jaxelbo.models import vae``), so that
   ``import jaxelbo`` never imports flax.
@@ -8,9 +10,9 @@
 
 import importlib
 
-from jaxelbo.models import linear_gaussian
+from jaxelbo.models import hierarchical_gaussian, linear_gaussian
 
-__all__ = ["linear_gaussian", "vae"]
+__all__ = ["hierarchical_gaussian", "linear_gaussian", "vae"]
 
 
 def __getattr__(name: str):

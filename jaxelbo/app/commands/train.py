@@ -17,7 +17,7 @@ from pathlib import Path
 
 DEFAULTS = {
     "dataset": "digits", "data_dir": None, "objective": "iwae", "estimator": "dreg", "num_samples": 64,
-    "num_outer": None, "beta": 0.5, "alpha": 0.5, "steps": 3000, "batch_size": 64, "seed": 0,
+    "num_outer": None, "beta": None, "alpha": None, "steps": 3000, "batch_size": 64, "seed": 0,
     "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
     "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
     "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample budget K per example (miwae/piwae: num_outer x num_inner = K; "
                         "default 64)")
     parser.add_argument("--num-outer", type=int, default=None,
-                        help="M of miwae/piwae; num_inner = num_samples / M (default sqrt(K))")
+                        help="M of miwae/piwae; num_inner = num_samples / M (default: the largest divisor "
+                        "of K that is at most sqrt(K), e.g. 512 = 16 x 32)")
     parser.add_argument("--beta", type=float, default=d["beta"], help="ciwae mixing weight (default 0.5)")
     parser.add_argument("--alpha", type=float, default=d["alpha"], help="renyi order alpha (default 0.5)")
     parser.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps (default 3000)")
@@ -110,15 +111,32 @@ def environment() -> dict:
 
 def validate(settings: dict) -> None:
     """Raises ValueError (one line, naming the valid choices) before any training."""
-    from jaxelbo.app import training
+    from jaxelbo import registry
 
-    training.check_objective(settings["objective"], settings["estimator"])
+    registry.check_estimator(settings["objective"], settings["estimator"])
+    objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
     for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every"):
         if int(settings[key]) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]}")
     for key in ("eval_every", "checkpoint_every", "eval_num_samples"):
         if int(settings[key]) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
+
+
+def objective_kwargs(settings: dict) -> dict:
+    """The objective's constructor keywords for ``settings``: ``num_samples``, or
+    ``num_outer`` x ``num_inner`` for miwae/piwae, and ``beta``/``alpha`` (given or default)."""
+    from jaxelbo import registry
+
+    return registry.objective_kwargs(settings["objective"], num_samples=settings["num_samples"],
+                                     num_outer=settings["num_outer"], beta=settings["beta"],
+                                     alpha=settings["alpha"])
+
+
+def objective_record(settings: dict) -> dict:
+    """``{"name", "estimator", **objective_kwargs}``: what config.json and summary.json record,
+    e.g. ``{"name": "miwae", "estimator": "dreg", "num_outer": 16, "num_inner": 32}``."""
+    return {"name": settings["objective"], "estimator": settings["estimator"], **objective_kwargs(settings)}
 
 
 def build_experiment(settings: dict, cache: dict | None = None):
@@ -129,6 +147,7 @@ def build_experiment(settings: dict, cache: dict | None = None):
     """
     import jax
 
+    from jaxelbo import registry
     from jaxelbo.app import data, training
     from jaxelbo.models import vae
 
@@ -139,9 +158,9 @@ def build_experiment(settings: dict, cache: dict | None = None):
     if cache is not None:
         arch = ("vae", ds.name, json.dumps(net.config))
         net = cache.setdefault(arch, net)._replace(params=net.params)
-    loss_fn = training.make_loss(net.model, net.guide, settings["objective"], settings["estimator"],
-                                 num_samples=settings["num_samples"], num_outer=settings["num_outer"],
-                                 beta=settings["beta"], alpha=settings["alpha"])
+    loss_fn = registry.make(settings["objective"], net.model, net.guide, estimator=settings["estimator"],
+                            num_samples=settings["num_samples"], num_outer=settings["num_outer"],
+                            beta=settings["beta"], alpha=settings["alpha"])
     optimizer = training.make_optimizer(settings["learning_rate"],
                                         guide_learning_rate=settings["guide_learning_rate"])
     return ds, net, loss_fn, optimizer
@@ -174,7 +193,8 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
                                              for k in diff))
     ds, net, loss_fn, optimizer = build_experiment(settings, cache)
     if out is not None and main_process:
-        (out / "config.json").write_text(json.dumps({"settings": settings, "vae": net.config,
+        (out / "config.json").write_text(json.dumps({"settings": settings, "objective": objective_record(settings),
+                                                     "vae": net.config,
                                                      "image_shape": list(ds.image_shape)}, indent=1))
     params = net.params
     key = ("step", ds.name, json.dumps(net.config), settings["objective"], settings["estimator"],
@@ -221,6 +241,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
     rates = [r["steps_per_second"] for r in (train_records[1:] or train_records)]
     summary = {
         "settings": settings,
+        "objective": objective_record(settings),
         "test": test,
         "validation": val_records[-1] if val_records else None,
         "final_train": train_records[-1] if train_records else None,

@@ -34,14 +34,12 @@ COMMON = textwrap.dedent("""
     def run_training(mesh):
         ds, net, loss_fn, opt = setup()
         params, state = net.params, opt.init(net.params)
-        put = None
         if mesh is not None:
             params, state = sharding.replicate(mesh, (params, state))
-            put = lambda xb: sharding.shard_batch(mesh, xb)
         it = data.BatchIterator(ds.train, 16, seed=0)
         step = training.make_train_step(loss_fn, opt)
         res = training.train(step, params, state, it, num_steps=4, seed=0, progress=False, log_every=1,
-                             put_batch=put)
+                             mesh=mesh)
         flat = jax.tree.leaves(sharding.gather(res.params))
         return flat, [r["loss"] for r in res.history]
 """)
@@ -60,6 +58,15 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # the device-resident loop: training set split over the devices (padded), same result as one device
+    rows = data.BatchIterator(ds.train, 16, seed=0).device_array(mesh)
+    assert rows.shape[0] % 8 == 0 and rows.shape[0] - len(ds.train) < 8
+    assert rows.addressable_shards[0].data.shape[0] == rows.shape[0] // 8
+    flat8, losses8 = run_training(mesh)
+    flat1, losses1 = run_training(None)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    for a, b in zip(flat8, flat1, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     print("OK")
 """)
 

@@ -88,29 +88,31 @@ def test_jit_step_equals_eager():
 
 
 def test_interrupted_run_resumes_to_the_same_params(tiny, dreg_step, tmp_path):
-    """8 steps straight == Ctrl-C after 5 steps (checkpoint at 4 and, on the interrupt, at 5) + resume."""
+    """8 steps straight == Ctrl-C during the third chunk (the second is saved on the interrupt) + resume."""
     net, it = tiny
     opt, step = dreg_step
-    kw = dict(seed=3, log_every=2, checkpoint_every=4, progress=False)
-    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "a",
-                              **kw)
+    kw = dict(log_every=2, checkpoint_every=6, progress=False)
+    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=8, seed=3,
+                              out_dir=tmp_path / "a", **kw)
+    chunk = training.make_train_chunk(step, it, seed=3)
     calls = []
 
-    def interrupted(params, opt_state, rng, x):
-        if len(calls) == 5:
+    def interrupted(params, opt_state, start, stop):
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append(1)
-        return step(params, opt_state, rng, x)
+        calls.append((start, stop))
+        return chunk(params, opt_state, start, stop)
 
     with pytest.raises(KeyboardInterrupt):
-        training.train(interrupted, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
-                       **kw)
-    assert training.latest_step(tmp_path / "b" / "checkpoints") == 5
+        training.train_loop(interrupted, net.params, opt.init(net.params), num_steps=8, out_dir=tmp_path / "b",
+                            **kw)
+    assert calls == [(0, 2), (2, 4)]
+    assert training.latest_step(tmp_path / "b" / "checkpoints") == 4
     # a record written after the last checkpoint by the interrupted run is dropped on resume
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 7, "split": "train", "bound": 0.0}) + "\n")
-    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
-                             resume=True, **kw)
+    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, seed=3,
+                             out_dir=tmp_path / "b", resume=True, **kw)
     assert resumed.step == 8 and training.latest_step(tmp_path / "b" / "checkpoints") == 8
     chex.assert_trees_all_equal(straight.params, resumed.params)
     chex.assert_trees_all_equal(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state))
@@ -118,6 +120,74 @@ def test_interrupted_run_resumes_to_the_same_params(tiny, dreg_step, tmp_path):
     b = training.read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
     assert [r["bound"] for r in a] == [r["bound"] for r in b]
+    assert all(r["steps_per_second"] > 0 and r["non_finite_steps"] == 0 for r in a)
+
+
+def test_resume_between_chunk_boundaries_is_bitwise_exact(tiny, dreg_step, tmp_path):
+    """Chunks [0, 4), [4, 8) == chunks [0, 4), [4, 5), checkpoint at 5, resume [5, 8); both == step by step."""
+    net, it = tiny
+    opt, step = dreg_step
+    kw = dict(seed=3, log_every=4, progress=False)
+    straight = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "a",
+                              **kw)
+    first = training.train(step, net.params, opt.init(net.params), it, num_steps=5, out_dir=tmp_path / "b",
+                           **kw)
+    assert first.step == 5 and training.latest_step(tmp_path / "b" / "checkpoints") == 5
+    resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
+                             resume=True, **kw)
+    chex.assert_trees_all_equal(straight.params, resumed.params)
+    chex.assert_trees_all_equal(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state))
+    b = training.read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [4, 5, 8]
+    assert b[0] == {**straight.history[0], "steps_per_second": b[0]["steps_per_second"]}
+    # the loop computes what the iterator and step_key define: the same steps called one by one
+    params, opt_state = net.params, opt.init(net.params)
+    bounds = []
+    for s in range(8):
+        params, opt_state, m = step(params, opt_state, training.step_key(3, s), jnp.asarray(it.batch(s)))
+        bounds.append(float(m["bound"]))
+    chex.assert_trees_all_close(params, straight.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r["bound"] for r in straight.history], [np.mean(bounds[:4]), np.mean(bounds[4:])],
+                               rtol=1e-5)
+
+
+def test_non_finite_steps_inside_the_loop_are_skipped_and_counted():
+    """Row 3 is NaN: the one step per epoch that draws it never touches params, and is counted."""
+    params = {"model": {"w": jnp.ones(3)}, "guide": {"v": jnp.ones(2)}}
+
+    def loss_fn(p, rng, x):  # NaN loss and gradient when the batch holds the NaN row
+        b = jnp.sum(p["model"]["w"] * x[:, :3], -1) + jnp.sum(p["guide"]["v"] ** 2)
+        return -jnp.mean(b), {"bound": b, "ess": jnp.ones_like(b)}
+
+    x = np.arange(24, dtype=np.float32).reshape(8, 3) / 24
+    x[3] = np.nan
+    it = data.BatchIterator(x, 2, seed=1, binarization="none")
+    opt = training.make_optimizer(0.1)
+    step = training.make_train_step(loss_fn, opt)
+    result = training.train(step, params, opt.init(params), it, num_steps=8, seed=0, log_every=4, progress=False)
+    bad = [s for s in range(8) if np.isnan(it.batch(s)).any()]
+    assert len(bad) == 2  # one step in each epoch of 4
+    assert [r["non_finite_steps"] for r in result.history] == [1, 1]
+    assert result.history[-1]["skipped_steps"] == 2
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["bound"]) for r in result.history)
+    p, s = params, opt.init(params)
+    for i in range(8):
+        p, s, _ = step(p, s, training.step_key(0, i), jnp.asarray(it.batch(i)))
+    chex.assert_tree_all_finite(result.params)
+    chex.assert_trees_all_close(result.params, p, rtol=1e-6)
+    assert int(training.skipped_steps(result.opt_state)) == 2
+
+
+def test_loop_arguments_are_checked(tiny, dreg_step):
+    net, it = tiny
+    opt, step = dreg_step
+    with pytest.raises(ValueError, match="seed"):
+        training.make_train_chunk(step, it, seed=-1)
+    chunk = training.make_train_chunk(step, it, seed=0)
+    with pytest.raises(ValueError, match="start < stop"):
+        chunk(net.params, opt.init(net.params), 4, 4)
+    with pytest.raises(ValueError, match="log_every"):
+        training.train_loop(chunk, net.params, opt.init(net.params), num_steps=4, log_every=0)
 
 
 def test_checkpoint_roundtrip(tmp_path):

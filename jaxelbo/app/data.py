@@ -20,19 +20,25 @@ validation and test sets are binarised once with a fixed key so that every evalu
 sees the same binary images.
 
 Batches are a pure function of ``(seed, step)``: epoch ``e = step // steps_per_epoch``
-uses the permutation drawn from ``(seed, e)``, so a resumed run sees exactly the batches
-an uninterrupted run would.
+uses the permutation drawn from ``(seed, e)`` and step ``s`` the binarisation drawn from
+``(seed, s)``, both with ``jax.random`` so that the training loop computes them inside
+its compiled step from the training set held on the device; a resumed run sees exactly
+the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "omniglot")
@@ -79,16 +85,24 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated or not gzip at all
+        raise ValueError(f"{path} is not a complete gzip file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX dtype code {code:#04x}")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header is cut short")
     shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[code])
     count = int(np.prod(shape)) if shape else 1
+    if len(raw) - 4 - 4 * ndim < count * dtype.itemsize:
+        raise ValueError(f"{path} is truncated: its header promises shape {tuple(shape)} "
+                         f"({count * dtype.itemsize} bytes of data), the file holds {len(raw) - 4 - 4 * ndim}")
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=4 + 4 * ndim)
     return data.reshape(shape)
 
@@ -102,15 +116,26 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(header + array.tobytes())
 
 
-def _to_unit(x: np.ndarray) -> np.ndarray:
-    """Flattens images to ``(N, D)`` float32 in [0, 1] (uint8 / 255; floats kept)."""
+def _to_unit(x: np.ndarray, source: str | os.PathLike = "data") -> np.ndarray:
+    """Flattens images to ``(N, D)`` float32 in [0, 1] (uint8 / 255; floats kept).
+
+    Raises ``ValueError`` naming ``source`` (the file) for an array that is not a set of
+    images (fewer than 2 dimensions, e.g. a labels file), for NaN or Inf values, and for
+    values outside [0, 1].
+    """
     x = np.asarray(x)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{source} holds an array of shape {x.shape}, not images (N, H, W) or (N, D)"
+                         + (" (a labels file?)" if x.ndim == 1 else ""))
     x = x.reshape(x.shape[0], -1)
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / 255.0
     x = x.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise ValueError(f"{source}: {bad} pixel values are NaN or Inf")
     if x.size and (x.min() < 0.0 or x.max() > 1.0):
-        raise ValueError(f"pixel values must lie in [0, 1] (or be uint8), got range "
+        raise ValueError(f"{source}: pixel values must lie in [0, 1] (or be uint8), got range "
                          f"[{x.min()}, {x.max()}]")
     return x
 
@@ -145,15 +170,19 @@ def _load_mnist_like(name: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     npz = _find(name, data_dir, [f"{name}.npz", f"{stem}.npz"])
     if npz is not None:
         with np.load(npz) as f:
-            return _to_unit(f["x_train"]), _to_unit(f["x_test"])
+            return _to_unit(f["x_train"], f"{npz}[x_train]"), _to_unit(f["x_test"], f"{npz}[x_test]")
     splits = []
     for split in ("train", "test"):
         base = _MNIST_FILES[split]
         path = _find(name, data_dir, [base + ".gz", base, base.replace("-idx", ".idx")])
         if path is None:
             raise _missing(name, data_dir, expected)
-        splits.append(_to_unit(read_idx(path)))
-    return splits[0], splits[1]
+        splits.append((path, _to_unit(read_idx(path), path)))
+    (train_path, x_train), (test_path, x_test) = splits
+    if x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"{train_path} has images of {x_train.shape[1]} pixels but {test_path} "
+                         f"of {x_test.shape[1]}")
+    return x_train, x_test
 
 
 def _load_system(name: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +204,7 @@ def _load_omniglot(data_dir) -> tuple[np.ndarray, np.ndarray]:
     npz = _find("omniglot", data_dir, ["omniglot.npz"])
     if npz is not None:
         with np.load(npz) as f:
-            return _to_unit(f["x_train"]), _to_unit(f["x_test"])
+            return _to_unit(f["x_train"], f"{npz}[x_train]"), _to_unit(f["x_test"], f"{npz}[x_test]")
     mat = _find("omniglot", data_dir, ["chardata.mat"])
     if mat is None:
         raise _missing("omniglot", data_dir, expected)
@@ -186,7 +215,7 @@ def _load_omniglot(data_dir) -> tuple[np.ndarray, np.ndarray]:
     def images(a):  # stored (784, N) with column-major 28x28 images
         return a.T.reshape((-1, 28, 28), order="F").reshape(-1, 784)
 
-    return _to_unit(images(raw["data"])), _to_unit(images(raw["testdata"]))
+    return _to_unit(images(raw["data"]), f"{mat}[data]"), _to_unit(images(raw["testdata"]), f"{mat}[testdata]")
 
 
 def _split_validation(x_train: np.ndarray, validation_size: int, seed: int):
@@ -232,6 +261,9 @@ def load(name: str = "digits", data_dir: str | os.PathLike | None = None, *,
         x_train, x_test = _load_omniglot(data_dir)
     else:
         x_train, x_test = _load_mnist_like(name, data_dir)
+    if x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"{name}: training images have {x_train.shape[1]} pixels but test images "
+                         f"{x_test.shape[1]} (files in {data_dir})")
     x_train, x_val = _split_validation(x_train, 5000 if validation_size is None else validation_size,
                                        split_seed)
     side = int(round(np.sqrt(x_train.shape[1])))
@@ -267,15 +299,80 @@ def _check_binarization(binarization: str) -> None:
         raise ValueError(f"unknown binarization {binarization!r}; valid choices: {', '.join(BINARIZE)}")
 
 
+# --------------------------------------------------------------------------- training batches
+#
+# Every random choice of training is a function of ``(seed, step)`` through three streams of
+# ``key(seed)``: stream 0 draws the loss's samples (``jaxelbo.app.training.step_key``),
+# stream 1 the order of each epoch and stream 2 the dynamic binarisation of each step.
+ORDER_STREAM = 1
+BINARIZE_STREAM = 2
+
+
+def epoch_permutation(rng: jax.Array, epoch: jax.Array | int, num_rows: int) -> jax.Array:
+    """The row order of ``epoch``: a permutation of ``num_rows`` drawn from ``(rng, epoch)``.
+
+    Args:
+      rng: the data key, ``jax.random.key(seed)``.
+      epoch: epoch index (traceable).
+      num_rows: rows of the training set.
+
+    Returns:
+      ``(num_rows,)`` int32 permutation.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(rng, ORDER_STREAM), epoch)
+    return jax.random.permutation(key, num_rows)
+
+
+def batch_from_permutation(x: jax.Array, perm: jax.Array, rng: jax.Array, step: jax.Array | int, *,
+                           batch_size: int, dynamic: bool) -> jax.Array:
+    """The batch of global step ``step``, given the permutation of its epoch.
+
+    Rows ``perm[i * B:(i + 1) * B]`` of ``x`` with ``i = step mod (num_rows // B)``
+    (the last incomplete batch of an epoch is dropped); with ``dynamic`` each pixel is
+    replaced by a Bernoulli draw keyed by ``(rng, step)``, so each image gets a fresh
+    binarisation every epoch. Pure and traceable: the training loop calls it inside
+    its compiled step.
+
+    Args:
+      x: ``(N', D)`` training set on the device (rows past ``len(perm)`` are padding).
+      perm: :func:`epoch_permutation` of the step's epoch.
+      rng: the data key, ``jax.random.key(seed)``.
+      step: global step (traceable).
+      batch_size: rows per batch ``B``.
+      dynamic: binarise dynamically.
+
+    Returns:
+      ``(B, D)`` batch of ``x``'s dtype.
+    """
+    steps_per_epoch = perm.shape[0] // batch_size
+    i = jnp.asarray(step) % steps_per_epoch
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+    xb = jnp.take(x, idx, axis=0, mode="clip")
+    if dynamic:
+        key = jax.random.fold_in(jax.random.fold_in(rng, BINARIZE_STREAM), step)
+        xb = (jax.random.uniform(key, xb.shape, xb.dtype) < xb).astype(xb.dtype)
+    return xb
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_rows", "dynamic"))
+def _batch_at(x, rng, step, *, batch_size: int, num_rows: int, dynamic: bool):
+    perm = epoch_permutation(rng, step // (num_rows // batch_size), num_rows)
+    return batch_from_permutation(x, perm, rng, step, batch_size=batch_size, dynamic=dynamic)
+
+
 class BatchIterator:
-    """Seeded, resumable mini-batches of one array.
+    """Seeded, resumable mini-batches of one array: the training set of the loop.
 
     ``batch(step)`` is a pure function of ``(seed, step)``: epoch
-    ``e = step // steps_per_epoch`` shuffles the rows with a permutation drawn from
-    ``(seed, e)`` and drops the last incomplete batch; with ``binarization="dynamic"``
-    each batch is binarised with a fresh draw keyed by ``(seed, e, i)``, so each image
-    gets a new binarisation every epoch; ``"static"`` binarises the whole array once
-    (from ``seed``); ``"none"`` keeps grey values.
+    ``e = step // steps_per_epoch`` visits the rows in the order of
+    :func:`epoch_permutation` ``(key(seed), e)`` and drops the last incomplete batch;
+    with ``binarization="dynamic"`` each batch is binarised with a fresh draw keyed by
+    ``(seed, step)``, so each image gets a new binarisation every epoch; ``"static"``
+    binarises the whole array once (from ``seed``); ``"none"`` keeps grey values.
+    The functions are ``jax.random`` ones, so that :func:`jaxelbo.app.training.train`
+    computes the same batches inside its compiled loop, on the device, from
+    :meth:`device_array` (the set placed there once); ``batch(step)`` is the host view
+    of the same batch.
 
     Example:
       >>> it = BatchIterator(np.full((10, 4), 0.5, np.float32), batch_size=4, seed=0)
@@ -285,32 +382,49 @@ class BatchIterator:
 
     def __init__(self, x: np.ndarray, batch_size: int, seed: int, binarization: str = "dynamic"):
         _check_binarization(binarization)
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x must be a (rows, features) array, got shape {x.shape}")
         if not 1 <= batch_size <= len(x):
             raise ValueError(f"batch_size must be in [1, {len(x)}] (the number of rows), got {batch_size}")
         self.x = x
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.binarization = binarization
+        self.num_rows = len(x)
         self.steps_per_epoch = len(x) // self.batch_size
         if binarization == "static":
             self.x = binarize(x, (self.seed, 2**31 - 1))
-        self._perm_epoch = -1
-        self._perm = None
+        self._device_x = None
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.x))
-            self._perm_epoch = epoch
-        return self._perm
+    @property
+    def dynamic(self) -> bool:
+        """Whether each batch is binarised afresh (``binarization == "dynamic"``)."""
+        return self.binarization == "dynamic"
+
+    def rng(self) -> jax.Array:
+        """The data key ``jax.random.key(seed)``."""
+        return jax.random.key(self.seed)
+
+    def device_array(self, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        """The training set on the device(s), placed once.
+
+        With a ``mesh`` the rows are split over its ``"data"`` axis
+        (:func:`jaxelbo.app.sharding.shard_rows`), zero-padded to a multiple of the
+        number of devices; padding rows are never drawn.
+        """
+        if mesh is not None:
+            from jaxelbo.app import sharding
+
+            return sharding.shard_rows(mesh, self.x)
+        if self._device_x is None:
+            self._device_x = jnp.asarray(self.x)
+        return self._device_x
 
     def batch(self, step: int) -> np.ndarray:
         """The batch of global step ``step`` (0-based), shape ``(batch_size, D)``."""
-        epoch, i = divmod(int(step), self.steps_per_epoch)
-        idx = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        xb = self.x[idx]
-        if self.binarization == "dynamic":
-            xb = binarize(xb, (self.seed, epoch, i))
-        return xb
+        return np.asarray(_batch_at(self.device_array(), self.rng(), jnp.int32(step), batch_size=self.batch_size,
+                                    num_rows=self.num_rows, dynamic=self.dynamic))
 
     def __call__(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yields ``(step, batch)`` from ``start_step`` (forever if ``num_steps`` is None)."""

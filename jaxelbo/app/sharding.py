@@ -7,9 +7,11 @@ step then runs the per-example work where each shard lives and XLA inserts the
 all-reduce of the batch mean (loss and gradients), so sharded and single-device runs
 agree up to float summation order.
 
-Every process computes the *same* global batch from ``(seed, step)``
-(:class:`jaxelbo.app.data.BatchIterator`) and hands each local device its slice through
-``jax.make_array_from_callback``, so multi-host runs need no data exchange.
+The training set is placed once with its rows split over ``"data"``
+(:func:`shard_rows`); every process holds the same data and hands each local device its
+rows through ``jax.make_array_from_callback``. Inside the compiled loop every device
+draws the same global batch indices from ``(seed, step)``; XLA gathers the rows and
+constrains the batch to ``P("data")``, so multi-host runs need no host-side exchange.
 """
 
 from __future__ import annotations
@@ -83,6 +85,20 @@ def shard_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
     n = mesh.shape[DATA_AXIS]
     if np.shape(x)[0] % n:
         raise ValueError(f"batch size {np.shape(x)[0]} must be divisible by the number of devices ({n})")
+    return _global_array(x, batch_sharding(mesh))
+
+
+def shard_rows(mesh: Mesh, x: np.ndarray) -> jax.Array:
+    """A data set (identical on every process) with its rows split over ``"data"``.
+
+    The rows are zero-padded to a multiple of the number of devices, so any number of
+    rows can be sharded; the caller keeps the true row count (the training loop never
+    draws a padding row). Placed once, it stays on the devices for the whole run.
+    """
+    x = np.asarray(x)
+    pad = -len(x) % mesh.shape[DATA_AXIS]
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     return _global_array(x, batch_sharding(mesh))
 
 

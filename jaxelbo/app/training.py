@@ -9,14 +9,19 @@ sample budget).
   a non-finite gradient never reaches the parameters.
 * :func:`make_train_step` returns the pure, jit-compiled
   ``(params, opt_state, rng, x) -> (params, opt_state, metrics)``.
-* :func:`train` runs the loop: a tqdm progress bar, metrics as JSON lines, periodic
-  validation, orbax checkpoints, and exact resume (the step's key is
-  ``fold_in(key(seed), step)`` and the batch a function of ``(seed, step)``, so a run
-  resumed from a checkpoint reaches the same parameters as an uninterrupted one).
+* :func:`make_train_chunk` runs many steps in one compiled dispatch: the training set
+  lives on the device(s), and each step draws its batch indices, dynamic binarisation
+  and loss samples with ``jax.random`` from ``(seed, step)`` inside the loop; metrics are
+  reduced on the device and fetched once per chunk.
+* :func:`train_loop` is the host loop over chunks (to each log / validation / checkpoint
+  step): a tqdm progress bar, metrics as JSON lines, periodic validation, orbax
+  checkpoints and exact resume (a run resumed from any checkpoint reaches bitwise the
+  parameters of an uninterrupted one). :func:`train` is both in one call.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -89,60 +94,63 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+# Stream of key(seed) that draws the loss's samples (streams 1 and 2, batch order and
+# binarisation, are jaxelbo.app.data's).
+LOSS_STREAM = 0
+
+
 def step_key(seed: int, step: int) -> jax.Array:
-    """The PRNG key of global step ``step``: ``fold_in(key(seed), step)``."""
-    return jax.random.fold_in(jax.random.key(seed), step)
+    """The loss's PRNG key at global step ``step``: ``fold_in(fold_in(key(seed), LOSS_STREAM), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), LOSS_STREAM), step)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _manager(directory: Path, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
-
-
 def save_checkpoint(directory: str | Path, step: int, params: dict, opt_state: Any, *,
-                    max_to_keep: int = 2) -> None:
-    """Saves ``{"params", "opt_state"}`` at ``step`` with orbax (keeps the last ``max_to_keep``)."""
-    import orbax.checkpoint as ocp
+                    max_to_keep: int = 2, meta: dict | None = None) -> None:
+    """Saves a verified checkpoint of ``{"params", "opt_state"}`` at ``step``.
 
-    with _manager(Path(directory), max_to_keep) as mngr:
-        state = {"params": params, "opt_state": opt_state}
-        mngr.save(int(step), args=ocp.args.StandardSave(state), force=True)
-        mngr.wait_until_finished()
+    See :func:`jaxelbo.app.checkpoint.save`: a state that is not all finite is refused,
+    and the ``max_to_keep`` newest verified checkpoints are kept.
+    """
+    from jaxelbo.app import checkpoint
+
+    checkpoint.save(directory, step, params, opt_state, keep=max_to_keep, meta=meta)
 
 
 def latest_step(directory: str | Path) -> int | None:
     """The last saved step in ``directory`` (None if there is no checkpoint)."""
-    if not Path(directory).is_dir():
-        return None
-    with _manager(Path(directory)) as mngr:
-        return mngr.latest_step()
+    from jaxelbo.app import checkpoint
+
+    return checkpoint.latest_step(directory)
 
 
 def restore_checkpoint(directory: str | Path, params: dict, opt_state: Any,
                        step: int | None = None) -> tuple[int, dict, Any]:
     """Restores ``(step, params, opt_state)``; ``params``/``opt_state`` give the structure.
 
+    The newest checkpoint that verifies against its checksums is used; each damaged one
+    skipped on the way is reported in one line (:func:`jaxelbo.app.checkpoint.restore`).
+
     Raises:
       FileNotFoundError: no checkpoint in ``directory``.
+      jaxelbo.app.checkpoint.CheckpointError: ``step`` (or every checkpoint) is damaged.
     """
-    import orbax.checkpoint as ocp
+    from jaxelbo.app import checkpoint
 
-    with _manager(Path(directory)) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-        restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    return int(step), restored["params"], restored["opt_state"]
+    restored = checkpoint.restore(directory, params, opt_state, step=step)
+    return restored.step, restored.params, restored.opt_state
 
 
 # --------------------------------------------------------------------------- loop
+#
+# Two layers, so that whoever wraps the loop (divergence checks, signals) has one place
+# to do it: ``make_train_chunk`` returns a function that runs the steps [start, stop) in
+# one compiled dispatch and returns their reduced metrics; ``train_loop`` is the host loop
+# over such chunks that logs, validates, checkpoints and resumes.
+
+ChunkFn = Callable[[dict, Any, int, int], tuple[dict, Any, dict]]
 
 
 class TrainResult(NamedTuple):
@@ -154,6 +162,104 @@ class TrainResult(NamedTuple):
     step: int
     history: list
     wall_seconds: float
+
+
+def _non_finite(metrics: dict, skipped_before: jax.Array) -> jax.Array:
+    """Whether a step was skipped by ``apply_if_finite`` or produced a non-finite loss/norm."""
+    bad = metrics["skipped_steps"] > skipped_before
+    for name in ("loss", "grad_norm"):
+        if name in metrics:
+            bad = bad | ~jnp.isfinite(metrics[name])
+    return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(step_fn: StepFn, batch_size: int, num_rows: int, dynamic: bool, mesh) -> Callable:
+    """The jit-compiled ``(params, opt_state, x, data_seed, seed, start, stop) -> ...`` of one chunk.
+
+    One executable serves every chunk length (the step range is a traced argument), so
+    a run's parameters do not depend on where its chunks begin and end.
+    """
+    from jaxelbo.app import data, sharding
+
+    steps_per_epoch = num_rows // batch_size
+    batch_sharding = None if mesh is None else sharding.batch_sharding(mesh)
+
+    def run(params, opt_state, x, data_seed, seed, start, stop):
+        data_rng = jax.random.key(data_seed)
+        loss_rng = jax.random.fold_in(jax.random.key(seed), LOSS_STREAM)
+
+        def one_step(perm, step, carry):
+            params, opt_state, sums, count, non_finite = carry
+            xb = data.batch_from_permutation(x, perm, data_rng, step, batch_size=batch_size, dynamic=dynamic)
+            if batch_sharding is not None:
+                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+            before = skipped_steps(opt_state)
+            params, opt_state, metrics = step_fn(params, opt_state, jax.random.fold_in(loss_rng, step), xb)
+            bad = _non_finite(metrics, before)
+            sums = {k: s + jnp.where(bad, 0.0, metrics[k]) for k, s in sums.items()}
+            return params, opt_state, sums, count + jnp.where(bad, 0, 1), non_finite + bad.astype(jnp.int32)
+
+        def one_epoch(epoch, carry):
+            perm = data.epoch_permutation(data_rng, epoch, num_rows)
+            lo = jnp.maximum(start, epoch * steps_per_epoch)
+            hi = jnp.minimum(stop, (epoch + 1) * steps_per_epoch)
+            return jax.lax.fori_loop(lo, hi, functools.partial(one_step, perm), carry)
+
+        shapes = jax.eval_shape(step_fn, params, opt_state, loss_rng, jax.ShapeDtypeStruct(
+            (batch_size, x.shape[1]), x.dtype))[2]
+        sums = {k: jnp.zeros((), jnp.float32) for k in shapes if k != "skipped_steps"}
+        init = (params, opt_state, sums, jnp.int32(0), jnp.int32(0))
+        params, opt_state, sums, count, non_finite = jax.lax.fori_loop(
+            start // steps_per_epoch, (stop - 1) // steps_per_epoch + 1, one_epoch, init)
+        metrics = {k: jnp.where(count > 0, s / jnp.maximum(count, 1), jnp.nan) for k, s in sums.items()}
+        metrics["skipped_steps"] = skipped_steps(opt_state)
+        metrics["non_finite_steps"] = non_finite
+        return params, opt_state, metrics
+
+    return jax.jit(run)
+
+
+def make_train_chunk(step_fn: StepFn, batches, *, seed: int, mesh=None) -> ChunkFn:
+    """``chunk(params, opt_state, start, stop) -> (params, opt_state, metrics)``: steps [start, stop).
+
+    The training set is placed on the device(s) once (rows split over the mesh's
+    ``"data"`` axis when ``mesh`` is given; params and optimiser state are then expected
+    replicated, see :func:`jaxelbo.app.sharding.replicate`). One call runs every step
+    of the range in one compiled ``fori_loop``: step ``s`` draws its batch with
+    :func:`jaxelbo.app.data.batch_from_permutation` (indices and dynamic binarisation
+    from ``(batches.seed, s)``) and its loss key ``fold_in(loss stream of key(seed), s)``
+    inside the loop, so nothing goes to or from the host between steps, and the result
+    is a function of ``(seed, start, stop, params, opt_state)`` alone: bitwise the same
+    however a run is cut into chunks or resumed.
+
+    Args:
+      step_fn: the pure step ``(params, opt_state, rng, x) -> (params, opt_state, metrics)``
+        of :func:`make_train_step` (its metrics must hold ``skipped_steps``).
+      batches: a :class:`jaxelbo.app.data.BatchIterator` (the training set, batch size,
+        data seed and binarisation).
+      seed: seed of the loss's samples.
+      mesh: optional one-axis ``("data",)`` mesh (:func:`jaxelbo.app.sharding.data_mesh`).
+
+    Returns:
+      The chunk function. Its ``metrics`` are means over the chunk's finite steps of the
+      step's metrics (``loss``, ``bound``, ``ess``, ``grad_norm``), ``skipped_steps``
+      (total so far, from ``optax.apply_if_finite``) and ``non_finite_steps`` (steps of
+      this chunk with a non-finite gradient or loss; their updates never reached params).
+    """
+    for name, value in (("seed", seed), ("batches.seed", batches.seed)):
+        if not 0 <= int(value) < 2**31:
+            raise ValueError(f"{name} must be in [0, 2**31), got {value}")
+    run = _compiled_chunk(step_fn, batches.batch_size, batches.num_rows, batches.dynamic, mesh)
+    x = batches.device_array(mesh)
+    data_seed, loss_seed = np.int32(batches.seed), np.int32(seed)
+
+    def chunk(params, opt_state, start: int, stop: int):
+        if not 0 <= start < stop < 2**31:
+            raise ValueError(f"a chunk needs 0 <= start < stop, got start={start}, stop={stop}")
+        return run(params, opt_state, x, data_seed, loss_seed, np.int32(start), np.int32(stop))
+
+    return chunk
 
 
 def _to_python(tree) -> Any:
@@ -169,29 +275,77 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def next_boundary(step: int, num_steps: int, *every: int) -> int:
+    """The first step after ``step`` that is a multiple of a nonzero ``every``, or ``num_steps``."""
+    return min([num_steps] + [(step // e + 1) * e for e in every if e])
+
+
+def _combine(chunks: list[tuple[int, dict]]) -> dict:
+    """One record from the host copies of several chunks' metrics: ``(num steps, metrics)``."""
+    last = chunks[-1][1]
+    non_finite = sum(int(m["non_finite_steps"]) for _, m in chunks)
+    finite = [(n - int(m["non_finite_steps"]), m) for n, m in chunks]
+    total = sum(w for w, _ in finite)
+    out = {}
+    for k in last:
+        if k in ("skipped_steps", "non_finite_steps"):
+            continue
+        out[k] = sum(w * m[k] for w, m in finite if w) / total if total else float("nan")
+    return {**out, "skipped_steps": last["skipped_steps"], "non_finite_steps": non_finite}
+
+
 def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: int, seed: int,
-          out_dir: str | Path | None = None, resume: bool = False,
-          eval_fn: Callable[[dict], dict] | None = None, eval_every: int = 0, log_every: int = 50,
-          checkpoint_every: int = 0, progress: bool = True, put_batch: Callable | None = None,
-          write_metrics: bool = True) -> TrainResult:
-    """Runs ``num_steps`` steps (total, counting those of a resumed run).
+          mesh=None, **loop_kwargs) -> TrainResult:
+    """Trains ``num_steps`` steps (total, counting those of a resumed run) on ``batches``.
+
+    :func:`make_train_chunk` then :func:`train_loop`; see them for the arguments.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jaxelbo import registry
+      >>> from jaxelbo.app import data, training
+      >>> from jaxelbo.models import vae
+      >>> net = vae.build(jax.random.key(0), 4, hidden=(8,), latent_dim=2)
+      >>> loss_fn = registry.make("iwae", net.model, net.guide, estimator="dreg", num_samples=4)
+      >>> opt = training.make_optimizer(1e-3)
+      >>> step = training.make_train_step(loss_fn, opt)
+      >>> batches = data.BatchIterator(np.full((32, 4), 0.5, np.float32), batch_size=8, seed=0)
+      >>> result = training.train(step, net.params, opt.init(net.params), batches, num_steps=10, seed=0,
+      ...                         log_every=5, progress=False)
+      >>> [r["step"] for r in result.history]
+      [5, 10]
+    """
+    chunk = make_train_chunk(step_fn, batches, seed=seed, mesh=mesh)
+    return train_loop(chunk, params, opt_state, num_steps=num_steps, **loop_kwargs)
+
+
+def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: int,
+               out_dir: str | Path | None = None, resume: bool = False,
+               eval_fn: Callable[[dict], dict] | None = None, eval_every: int = 0, log_every: int = 50,
+               checkpoint_every: int = 0, progress: bool = True, write_metrics: bool = True) -> TrainResult:
+    """The host loop: chunks up to each log / validation / checkpoint step, records, resume.
+
+    Each chunk runs to the next step that is a multiple of ``log_every``,
+    ``eval_every`` (with an ``eval_fn``) or ``checkpoint_every`` (with an ``out_dir``),
+    or ``num_steps``. While a chunk runs on the device the host writes the record of the
+    previous one, so the device is not left waiting on logging.
 
     Args:
-      step_fn: from :func:`make_train_step`.
+      chunk_fn: from :func:`make_train_chunk`.
       params, opt_state: initial state (also the structure a checkpoint restores into).
-      batches: a :class:`jaxelbo.app.data.BatchIterator` (``batches.batch(step)``).
       num_steps: global step to stop at.
-      seed: the step key is ``fold_in(key(seed), step)``.
       out_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: nothing written).
       resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (an
-        interrupted run, Ctrl-C included: the last completed step is saved on
-        ``KeyboardInterrupt``).
+        interrupted run, Ctrl-C included: the last completed chunk is saved on
+        ``KeyboardInterrupt``). Any checkpoint step works, chunk boundary or not.
       eval_fn: ``params -> dict of numbers``, run every ``eval_every`` steps and at the
         end; records go to ``metrics.jsonl`` with ``"split": "validation"``.
-      log_every: steps between training-metric records.
+      log_every: steps between training records (``"split": "train"``: the chunk
+        metrics averaged over the finite steps since the previous record,
+        ``skipped_steps`` so far, ``non_finite_steps`` since the previous record and
+        ``steps_per_second``, validation and checkpoint time excluded).
       checkpoint_every: steps between checkpoints (0: only at the end).
       progress: show a tqdm bar (steps/s, loss, bound).
-      put_batch: ``numpy batch -> device array`` (e.g. a sharded ``device_put``).
       write_metrics: write ``metrics.jsonl`` (in multi-host runs only process 0 does;
         every process takes part in the orbax checkpoints).
 
@@ -200,6 +354,8 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
     """
     from tqdm.auto import tqdm
 
+    if int(log_every) < 1:
+        raise ValueError(f"log_every must be a positive integer, got {log_every}")
     out = Path(out_dir) if out_dir is not None else None
     ckpt_dir = out / "checkpoints" if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None and write_metrics else None
@@ -214,7 +370,6 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
         out.mkdir(parents=True, exist_ok=True)
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()
-    put_batch = put_batch or jnp.asarray
     history: list[dict] = []
     log_file = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
 
@@ -226,36 +381,65 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
 
     t0 = time.perf_counter()
     bar = tqdm(total=num_steps, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    last_log_t, last_log_step = time.perf_counter(), start
+    clock = {"mark": time.perf_counter(), "seconds": 0.0, "steps": 0}  # training time since the last record
+    unlogged: list[tuple[int, dict]] = []  # (num steps, device metrics) of chunks since the last record
+    ready: tuple[int, list] | None = None  # a record to write once its chunks are done
+
+    def stop_clock():
+        now = time.perf_counter()
+        clock["seconds"] += now - clock["mark"]
+        clock["mark"] = now
+
+    def write_ready():
+        nonlocal ready
+        if ready is None:
+            return
+        done, chunks = ready
+        ready = None
+        values = _combine([(n, _to_python(m)) for n, m in chunks])  # waits for those chunks
+        stop_clock()
+        steps = sum(n for n, _ in chunks)
+        rate = steps / max(clock["seconds"], 1e-9)
+        clock["seconds"] = 0.0
+        shown = {"step": done, "split": "train", **values, "steps_per_second": rate}
+        record(shown)
+        bar.set_postfix(loss=f"{shown['loss']:.3f}", bound=f"{shown['bound']:.3f}", steps_s=f"{rate:.1f}",
+                        refresh=False)
+        bar.update(done - bar.n)
+
     step = start
     state = (params, opt_state, start)  # (params, opt_state, steps done), replaced atomically
     saved = start
     try:
-        for step in range(start, num_steps):
-            x = put_batch(batches.batch(step))
-            new = step_fn(params, opt_state, step_key(seed, step), x)
-            state = (new[0], new[1], step + 1)
-            params, opt_state, done = state
-            metrics = new[2]
-            if done % log_every == 0 or done == num_steps:
-                now = time.perf_counter()
-                rate = (done - last_log_step) / max(now - last_log_t, 1e-9)
-                last_log_t, last_log_step = now, done
-                shown = {"step": done, "split": "train", **_to_python(metrics), "steps_per_second": rate}
-                record(shown)
-                bar.set_postfix(loss=f"{shown['loss']:.3f}", bound=f"{shown['bound']:.3f}",
-                                steps_s=f"{rate:.1f}", refresh=False)
-            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-                record({"step": done, "split": "validation", **_to_python(eval_fn(params))})
-            at_checkpoint = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
-            if ckpt_dir is not None and at_checkpoint:
-                save_checkpoint(ckpt_dir, done, params, opt_state)
-                saved = done
-            bar.update(1)
-        step = num_steps
+        while step < num_steps:
+            stop = next_boundary(step, num_steps, log_every, eval_every if eval_fn is not None else 0,
+                                 checkpoint_every if ckpt_dir is not None else 0)
+            params, opt_state, metrics = chunk_fn(params, opt_state, step, stop)
+            state = (params, opt_state, stop)
+            write_ready()  # the previous record, while this chunk runs
+            unlogged.append((stop - step, metrics))
+            step = stop
+            if stop % log_every == 0 or stop == num_steps:
+                ready, unlogged = (stop, unlogged), []
+            at_eval = eval_fn is not None and ((eval_every and stop % eval_every == 0) or stop == num_steps)
+            at_checkpoint = ckpt_dir is not None and ((checkpoint_every and stop % checkpoint_every == 0)
+                                                      or stop == num_steps)
+            if at_eval or at_checkpoint:
+                write_ready()
+                jax.block_until_ready(metrics)
+                stop_clock()
+                bar.update(stop - bar.n)
+                if at_eval:
+                    record({"step": stop, "split": "validation", **_to_python(eval_fn(params))})
+                if at_checkpoint:
+                    save_checkpoint(ckpt_dir, stop, params, opt_state)
+                    saved = stop
+                clock["mark"] = time.perf_counter()
+        write_ready()
     except KeyboardInterrupt:
-        # Ctrl-C: keep the last completed step so that --resume loses nothing.
+        # Ctrl-C: keep the last completed chunk so that --resume loses nothing.
         if ckpt_dir is not None and state[2] > saved and jax.process_count() == 1:
+            write_ready()
             save_checkpoint(ckpt_dir, state[2], state[0], state[1])
         raise
     finally:

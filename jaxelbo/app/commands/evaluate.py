@@ -27,6 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON file to write (default DIR/evaluation.json)")
 
 
+def _read_config(cfg_path: Path):
+    """``(config, settings, vae)`` from a run's ``config.json``.
+
+    Raises:
+      ValueError: one line naming the file if it is not JSON or not a run's configuration.
+    """
+    from jaxelbo.models import vae
+
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        settings = cfg["settings"]
+        for key in ("dataset", "data_dir", "validation_size", "learning_rate", "guide_learning_rate", "seed",
+                    "binarization"):
+            settings[key]  # noqa: B018 - a KeyError names what is missing
+        net = vae.rebuild(cfg["vae"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ValueError(f"{cfg_path} is not a valid jaxelbo run configuration ({what})") from None
+    return cfg, settings, net
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.json"
@@ -34,22 +55,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxelbo evaluate: error: {cfg_path} not found (is {run_dir} a jaxelbo train output?)",
               file=sys.stderr)
         return 2
+    if args.eval_chunk_size < 1:
+        print(f"jaxelbo evaluate: error: --eval-chunk-size must be a positive integer, got {args.eval_chunk_size}",
+              file=sys.stderr)
+        return 2
+    if args.eval_num_samples < 0 or (args.seed is not None and args.seed < 0):
+        flag, value = ("--eval-num-samples", args.eval_num_samples) if args.eval_num_samples < 0 else \
+            ("--seed", args.seed)
+        print(f"jaxelbo evaluate: error: {flag} must be >= 0, got {value}", file=sys.stderr)
+        return 2
     import jax
 
-    from jaxelbo.app import data, evaluation, training
+    from jaxelbo.app import checkpoint, data, evaluation, training
     from jaxelbo.app.commands.train import environment
-    from jaxelbo.models import vae
 
-    cfg = json.loads(cfg_path.read_text())
-    settings = cfg["settings"]
     try:
+        cfg, settings, net = _read_config(cfg_path)
         ds = data.load(settings["dataset"], args.data_dir or settings["data_dir"],
                        validation_size=settings["validation_size"])
-        net = vae.rebuild(cfg["vae"])
+        if ds.data_dim != net.config.get("data_dim", ds.data_dim):
+            raise ValueError(f"{cfg_path} describes a model of {net.config['data_dim']} pixels but "
+                             f"{ds.name} has {ds.data_dim}")
         optimizer = training.make_optimizer(settings["learning_rate"],
                                             guide_learning_rate=settings["guide_learning_rate"])
-        step, params, _ = training.restore_checkpoint(run_dir / "checkpoints", net.params,
-                                                      optimizer.init(net.params), step=args.step)
+        step, params, _, _ = checkpoint.restore(run_dir / "checkpoints", net.params, optimizer.init(net.params),
+                                                step=args.step if args.step is not None else
+                                                checkpoint.latest_step(run_dir / "checkpoints"))
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ DEFAULTS = {
     "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
     "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
     "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
+    "max_nonfinite_steps": 100,
 }
 # Settings that must match when a run is resumed.
 _RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
@@ -68,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<objective>-"
                         "<estimator>-k<K>-s<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds another run's files (they are deleted)")
     parser.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="Adam step size")
     parser.add_argument("--guide-learning-rate", type=float, default=None,
                         help="encoder (phi) step size if different from --learning-rate")
@@ -86,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-chunk-size", type=int, default=d["eval_chunk_size"],
                         help="samples per chunk of the log-likelihood estimate")
     parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
+    parser.add_argument("--max-nonfinite-steps", type=int, default=d["max_nonfinite_steps"],
+                        help="stop (status diverged) after this many non-finite steps in a row (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host runs)")
     parser.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
@@ -115,12 +121,29 @@ def validate(settings: dict) -> None:
 
     registry.check_estimator(settings["objective"], settings["estimator"])
     objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
-    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every"):
-        if int(settings[key]) < 1:
+    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "eval_chunk_size",
+                "max_nonfinite_steps"):
+        if key in settings and int(settings[key]) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]}")
-    for key in ("eval_every", "checkpoint_every", "eval_num_samples"):
+    for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
         if int(settings[key]) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
+    for key in ("learning_rate", "guide_learning_rate"):
+        rate = settings[key]
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {rate}")
+    for key in ("beta", "alpha"):
+        if settings.get(key) is not None and not math.isfinite(settings[key]):
+            raise ValueError(f"--{key} must be finite, got {settings[key]}")
+
+
+def check_data(settings: dict, ds) -> None:
+    """Raises ValueError (one line naming the flag) if the data cannot feed the run."""
+    if len(ds.train) < int(settings["batch_size"]):
+        raise ValueError(f"--batch-size {settings['batch_size']} is larger than the {len(ds.train)} "
+                         f"training images of {ds.name}")
+    if len(ds.test) == 0:
+        raise ValueError(f"{ds.name} has no test images")
 
 
 def objective_kwargs(settings: dict) -> dict:
@@ -153,6 +176,7 @@ def build_experiment(settings: dict, cache: dict | None = None):
 
     validate(settings)
     ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
+    check_data(settings, ds)
     net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
                     latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train))
     if cache is not None:
@@ -166,36 +190,71 @@ def build_experiment(settings: dict, cache: dict | None = None):
     return ds, net, loss_fn, optimizer
 
 
+def _check_resume(cfg_path: Path, settings: dict) -> None:
+    """Raises ValueError (one line) if the saved run's settings differ from ``settings``."""
+    try:
+        saved = json.loads(cfg_path.read_text())["settings"]
+        if not isinstance(saved, dict):
+            raise TypeError("settings is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a jaxelbo run configuration ({type(e).__name__}: {e})") from None
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
+    if diff:
+        raise ValueError("--resume with settings that differ from the saved run: "
+                         + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})" for k in diff))
+
+
 def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool = False, progress: bool = True,
-                       plots: bool = True, cache: dict | None = None) -> dict:
+                       plots: bool = True, cache: dict | None = None, overwrite: bool = False) -> dict:
     """Trains, evaluates on the test set and writes every output; returns the summary.
 
     ``cache`` (a dict kept by the caller) reuses the compiled step of the same
     objective/estimator/architecture across calls, e.g. over the seeds of a benchmark.
+    Everything is checked (flags, data, ``out``) before ``out`` is touched; ``out`` is
+    then locked for the whole run (a second run on it is refused), and a fresh run into
+    a folder holding another run's files is refused unless ``overwrite``.
     """
+    import jax
+
+    from jaxelbo.app import rundir
+
+    t_start = time.perf_counter()
+    main_process = jax.process_index() == 0
+    out = Path(out) if out is not None else None
+    if out is not None:
+        rundir.check_writable(out)
+    ds, net, loss_fn, optimizer = build_experiment(settings, cache)  # loads and checks the data
+    objective = objective_record(settings)
+    lock = rundir.RunLock(out) if out is not None and main_process else None
+    if lock is not None:
+        lock.acquire()
+        try:
+            cfg_path = out / "config.json"
+            if resume and cfg_path.exists():
+                _check_resume(cfg_path, settings)
+            rundir.prepare(out, resume=resume, overwrite=overwrite)
+        except ValueError:
+            lock.discard()
+            raise
+        (out / "config.json").write_text(json.dumps({"settings": settings, "objective": objective,
+                                                     "vae": net.config,
+                                                     "image_shape": list(ds.image_shape)}, indent=1))
+    try:
+        return _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, resume=resume, progress=progress,
+                                   plots=plots, cache=cache, t_start=t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, progress, plots, cache,
+                        t_start) -> dict:
     import jax
     import numpy as np
 
     from jaxelbo.app import data, evaluation, sharding, training
 
-    t_start = time.perf_counter()
     main_process = jax.process_index() == 0
-    out = Path(out) if out is not None else None
-    if out is not None and main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg_path = out / "config.json"
-        if resume and cfg_path.exists():
-            saved = json.loads(cfg_path.read_text())["settings"]
-            diff = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
-            if diff:
-                raise ValueError("--resume with settings that differ from the saved run: "
-                                 + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})"
-                                             for k in diff))
-    ds, net, loss_fn, optimizer = build_experiment(settings, cache)
-    if out is not None and main_process:
-        (out / "config.json").write_text(json.dumps({"settings": settings, "objective": objective_record(settings),
-                                                     "vae": net.config,
-                                                     "image_shape": list(ds.image_shape)}, indent=1))
     params = net.params
     key = ("step", ds.name, json.dumps(net.config), settings["objective"], settings["estimator"],
            settings["num_samples"], settings["num_outer"], settings["beta"], settings["alpha"],
@@ -209,11 +268,9 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
     opt_state = optimizer.init(params)
 
     mesh = None
-    put_batch = None
     if jax.device_count() > 1:
         mesh = sharding.data_mesh()
         params, opt_state = sharding.replicate(mesh, (params, opt_state))
-        put_batch = lambda xb: sharding.shard_batch(mesh, xb)  # noqa: E731
 
     batches = data.BatchIterator(ds.train, settings["batch_size"], settings["seed"], settings["binarization"])
     x_val = data.evaluation_split(ds, "validation", settings["binarization"]) if len(ds.validation) else None
@@ -225,7 +282,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
                             seed=settings["seed"], out_dir=out, write_metrics=main_process, resume=resume,
                             eval_fn=eval_fn, eval_every=settings["eval_every"],
                             log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
-                            progress=progress and main_process, put_batch=put_batch)
+                            progress=progress and main_process, mesh=mesh)
     train_seconds = result.wall_seconds
     params = sharding.gather(result.params) if mesh is not None else result.params
     params = jax.tree.map(jax.numpy.asarray, params)
@@ -289,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         validate(settings)
         out = args.out or default_out(settings)
-        summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress)
+        summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxelbo train: error: {e}", file=sys.stderr)
         return 2

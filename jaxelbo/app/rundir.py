@@ -1,0 +1,139 @@
+"""The output folder of a training run: checked before use, locked while in use.
+
+* :func:`check_writable` says, without creating anything, whether ``--out`` can hold a
+  run (it is not a file, and it or its nearest existing parent is writable).
+* :class:`RunLock` takes an exclusive ``fcntl.flock`` on ``OUT/.lock`` before anything
+  else in the folder is touched; a second run on the same folder is refused at once
+  and changes nothing. The lock dies with its process, so a killed run never leaves
+  a stale lock behind.
+* :func:`prepare` then refuses a fresh run into a folder holding another run's files
+  unless it is a resume or ``overwrite`` is set (which removes those files first).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+# What a run writes into its folder (removed by --overwrite).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "curves.png",
+             "reconstructions.png", "samples.png", "evaluation.json")
+
+
+class RunFolderError(ValueError):
+    """An output folder that cannot be used (one line naming it)."""
+
+
+def check_writable(out: str | Path, flag: str = "--out") -> None:
+    """Raises :class:`RunFolderError` unless ``out`` is, or can be made, a writable folder.
+
+    Creates nothing: a missing folder is checked through its nearest existing parent.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{flag} {out} is a file, not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunFolderError(f"{flag} {out}: {probe} is a file, not a folder")
+    try:  # os.access would say yes to root on a read-only mount; an unnamed file tells the truth
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise RunFolderError(f"{flag} {out} is not writable ({probe}: {e.strerror})") from None
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``with RunLock(out) as lock: ...``).
+
+    Attributes:
+      out: the folder.
+      created: whether acquiring it created the folder (so a run that fails at the
+        door can remove it again with :meth:`discard`).
+    """
+
+    def __init__(self, out: str | Path, flag: str = "--out"):
+        self.out = Path(out)
+        self.flag = flag
+        self.created = False
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Creates the folder if needed and locks it.
+
+        Raises:
+          RunFolderError: another process holds the lock, or the folder cannot be made.
+        """
+        check_writable(self.out, self.flag)
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFolderError(f"{self.flag} {self.out} cannot be used ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunFolderError(f"{self.flag} {self.out} is in use by another jaxelbo run"
+                                 + (f" (pid {holder})" if holder else "")) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Releases the lock (the lock file stays; removing it would race another run)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Releases the lock and, if acquiring created the folder, removes it again."""
+        self.release()
+        if self.created:
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def run_files(out: str | Path) -> list[str]:
+    """The names of the run files (:data:`RUN_FILES`) present in ``out``."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def prepare(out: str | Path, *, resume: bool, overwrite: bool, flag: str = "--out") -> None:
+    """Makes a locked ``out`` ready for a run.
+
+    A resume keeps everything. A fresh run into a folder holding another run's files
+    is refused unless ``overwrite``, which removes them first.
+
+    Raises:
+      RunFolderError: a fresh run without ``overwrite`` into a used folder.
+    """
+    present = run_files(out)
+    if resume or not present:
+        return
+    if not overwrite:
+        raise RunFolderError(f"{flag} {out} holds another run's files ({', '.join(present)}); "
+                             "pass --resume to continue it or --overwrite to replace it")
+    for name in present:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

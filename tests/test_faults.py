@@ -1,0 +1,360 @@
+"""Fault injection: damaged checkpoints, bad data files and flags, shared output folders,
+divergence, signals and kills. Each test replays a fault and asserts what the user sees
+(one line naming the file or flag) and what survives (nothing lost, or at most the steps
+since the last checkpoint).
+
+The slow tests run the ``jaxelbo`` command in subprocesses on the digits data with a
+tiny VAE; the others call the library or ``jaxelbo.app.cli.main`` in process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxelbo.app import checkpoint, data, rundir, training
+from jaxelbo.app.cli import main
+from jaxelbo.models import vae
+
+# --------------------------------------------------------------------------- helpers
+
+TINY = ["--hidden", "8", "--latent-dim", "2", "--num-samples", "2", "--batch-size", "16",
+        "--eval-num-samples", "20", "--eval-chunk-size", "10", "--no-surgery", "--no-progress"]
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    """The captured stderr, asserted to be one line holding every needle."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _snapshot(folder: Path) -> dict:
+    """``{relative path: (size, mtime_ns, bytes hash)}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hash(p.read_bytes()))
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def state():
+    """Params and optimiser state of a tiny VAE (the structure every checkpoint here has)."""
+    net = vae.build(jax.random.key(0), 64, hidden=(8,), latent_dim=2)
+    opt = training.make_optimizer(1e-3)
+    return net.params, opt.init(net.params)
+
+
+def _shifted(tree, by: float):
+    return jax.tree.map(lambda a: a + by if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _damage(path: Path, mode: str, rng: random.Random) -> None:
+    raw = bytearray(path.read_bytes())
+    if mode == "scribble":  # 64 random bytes at a random place
+        i = rng.randrange(len(raw))
+        raw[i:i + 64] = rng.randbytes(min(64, len(raw) - i))
+    elif mode == "truncate":
+        del raw[len(raw) // 2:]
+    elif mode == "bitflip":
+        i = rng.randrange(len(raw))
+        raw[i] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(raw))
+
+
+def _scribble_biggest(folder: Path) -> None:
+    """4096 random bytes over the start of the largest file of a checkpoint (its biggest array)."""
+    biggest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(biggest.read_bytes())
+    raw[:4096] = random.Random(0).randbytes(min(4096, len(raw)))
+    biggest.write_bytes(bytes(raw))
+
+
+def test_checkpoint_manifest_holds_a_checksum_of_every_array(state, tmp_path):
+    params, opt_state = state
+    folder = checkpoint.save(tmp_path, 5, params, opt_state, meta={"train_seconds": 1.5})
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    n = len(jax.tree.leaves({"params": params, "opt_state": opt_state}))
+    assert manifest["step"] == 5 and len(manifest["arrays"]) == n
+    assert any(k.startswith("['opt_state']") for k in manifest["arrays"])
+    restored = checkpoint.restore(tmp_path, params, opt_state)
+    assert restored.step == 5 and restored.meta == {"train_seconds": 1.5}
+    assert _equal(restored.params, params) and _equal(restored.opt_state, opt_state)
+    assert not [p for p in tmp_path.iterdir() if p.name != "5"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("mode", ["scribble", "truncate", "bitflip"])
+def test_damaged_checkpoint_is_never_loaded_and_falls_back(state, tmp_path, mode):
+    """Each file of the newest checkpoint damaged in turn: what restore returns is always
+    exactly what was saved (the newest, if the damage did not touch its arrays, or the
+    previous one, with one line naming the damaged checkpoint)."""
+    params, opt_state = state
+    saved = {s: _shifted(params, s) for s in (1, 2, 3)}
+    for s in saved:
+        checkpoint.save(tmp_path, s, saved[s], opt_state)
+    assert checkpoint.steps(tmp_path) == [2, 3]  # keep=2
+    rng = random.Random(mode)
+    fell_back = 0
+    for f in sorted(p for p in (tmp_path / "3").rglob("*") if p.is_file()):
+        original = f.read_bytes()
+        _damage(f, mode, rng)
+        lines = []
+        restored = checkpoint.restore(tmp_path, params, opt_state, warn=lines.append)
+        assert _equal(restored.params, saved[restored.step]), f
+        if restored.step == 2:
+            fell_back += 1
+            assert len(lines) == 1 and str(tmp_path / "3") in lines[0] and "\n" not in lines[0], lines
+        else:
+            assert restored.step == 3 and not lines
+        f.write_bytes(original)
+    assert fell_back >= 3, fell_back
+
+
+def test_scribbled_array_file_is_refused_by_evaluate_and_skipped_by_resume(state, tmp_path):
+    """4096 random bytes over the largest array file (the probe read 5 NaNs from it)."""
+    params, opt_state = state
+    checkpoint.save(tmp_path, 200, params, opt_state)
+    checkpoint.save(tmp_path, 250, _shifted(params, 1.0), opt_state)
+    _scribble_biggest(tmp_path / "250")
+    with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "250")):
+        checkpoint.restore(tmp_path, params, opt_state, step=250)
+    lines = []
+    restored = checkpoint.restore(tmp_path, params, opt_state, warn=lines.append)
+    assert restored.step == 200 and _equal(restored.params, params) and len(lines) == 1
+
+
+def test_non_finite_state_is_never_written(state, tmp_path):
+    params, opt_state = state
+    checkpoint.save(tmp_path, 1, params, opt_state)
+    bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan) if a.ndim else a, params)
+    with pytest.raises(checkpoint.NonFiniteStateError, match="not finite"):
+        checkpoint.save(tmp_path, 2, bad, opt_state)
+    assert checkpoint.steps(tmp_path) == [1]
+
+
+def test_newest_good_checkpoint_survives_until_a_newer_one_verified(state, tmp_path, monkeypatch):
+    """A save whose read-back differs (a disk that corrupts writes) deletes nothing."""
+    params, opt_state = state
+    checkpoint.save(tmp_path, 1, params, opt_state)
+    checkpoint.save(tmp_path, 2, params, opt_state)
+    real = checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda path, target: _shifted(real(path, target), 1e-3))
+    with pytest.raises(checkpoint.CheckpointError, match="did not read back"):
+        checkpoint.save(tmp_path, 3, params, opt_state)
+    monkeypatch.setattr(checkpoint, "_read", real)
+    assert checkpoint.steps(tmp_path) == [1, 2]
+    assert checkpoint.restore(tmp_path, params, opt_state).step == 2
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(state, tmp_path):
+    params, opt_state = state
+    checkpoint.save(tmp_path, 1, params, opt_state)
+    other = vae.build(jax.random.key(0), 64, hidden=(8,), latent_dim=3).params
+    with pytest.raises(checkpoint.CheckpointError, match="another model"):
+        checkpoint.restore(tmp_path, other, training.make_optimizer().init(other), step=1)
+
+
+_SAVER = textwrap.dedent("""
+    import sys
+    import jax
+    from jaxelbo.app import checkpoint, training
+    from jaxelbo.models import vae
+    params = vae.build(jax.random.key(0), 64, hidden=(8,), latent_dim=2).params
+    opt_state = training.make_optimizer().init(params)
+    step = checkpoint.latest_step(sys.argv[1]) or 0
+    while True:
+        step += 1
+        checkpoint.save(sys.argv[1], step, jax.tree.map(lambda a: a + step, params), opt_state)
+        print("saved", step, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_leaves_a_verified_checkpoint(state, tmp_path):
+    params, opt_state = state
+    rng = random.Random(1)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("saved")
+        time.sleep(rng.uniform(0.0, 0.5))  # a save takes about 0.2 s: the kill lands anywhere in one
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        lines = []
+        restored = checkpoint.restore(tmp_path, params, opt_state, warn=lines.append)
+        assert not lines and _equal(restored.params, _shifted(params, restored.step))
+    checkpoint.save(tmp_path, 10_000, params, opt_state)  # the next save clears what a kill left
+    assert [p.name for p in tmp_path.iterdir() if not p.name.isdigit()] == []
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def _mnist_dir(directory: Path, train=None, test=None) -> Path:
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    train = rng.integers(0, 256, (40, 4, 4), dtype=np.uint8) if train is None else train
+    test = rng.integers(0, 256, (10, 4, 4), dtype=np.uint8) if test is None else test
+    data.write_idx(directory / "train-images-idx3-ubyte.gz", train)
+    data.write_idx(directory / "t10k-images-idx3-ubyte.gz", test)
+    return directory / "train-images-idx3-ubyte.gz"
+
+
+def _gz_truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-20])
+
+
+def _not_gzip(path: Path) -> None:
+    path.write_bytes(b"this is not gzip data at all")
+
+
+def _payload_cut_short(path: Path) -> None:
+    with gzip.open(path) as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[:-7])
+
+
+def _labels_as_images(path: Path) -> None:
+    labels = np.arange(40, dtype=np.uint8) % 10
+    data.write_idx(path, labels)
+
+
+@pytest.mark.parametrize("damage,needle", [(_gz_truncated, "gzip"), (_not_gzip, "gzip"),
+                                           (_payload_cut_short, "truncated"),
+                                           (_labels_as_images, "labels file")])
+def test_bad_data_file_is_named_in_one_line(tmp_path, capsys, damage, needle):
+    path = _mnist_dir(tmp_path / "data")
+    damage(path)
+    with pytest.raises(ValueError, match=needle) as e:
+        data.load("mnist", tmp_path / "data", validation_size=5)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--validation-size", "5",
+                 "--out", str(out), *TINY]) == 2
+    _one_line_error(capsys, str(path), needle)
+    assert not out.exists()
+
+
+def test_nan_pixel_is_rejected_at_load_naming_the_file(tmp_path):
+    x = np.random.default_rng(0).random((30, 16), dtype=np.float32)
+    x[3, 5] = np.nan
+    np.savez(tmp_path / "mnist.npz", x_train=x, x_test=x[:5] * 0)
+    with pytest.raises(ValueError, match=r"mnist\.npz\[x_train\]: 1 pixel values are NaN"):
+        data.load("mnist", tmp_path, validation_size=5)
+
+
+def test_train_and_test_of_different_sizes_fail_at_load(tmp_path):
+    _mnist_dir(tmp_path, test=np.zeros((10, 5, 5), np.uint8))
+    with pytest.raises(ValueError, match="16 pixels but .*t10k.* of 25"):
+        data.load("mnist", tmp_path, validation_size=5)
+
+
+# --------------------------------------------------------------------------- flags and folders at the door
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--learning-rate", "-1"], "--learning-rate must be finite and > 0, got -1.0"),
+    (["--learning-rate", "nan"], "--learning-rate must be finite and > 0, got nan"),
+    (["--learning-rate", "inf"], "--learning-rate must be finite and > 0"),
+    (["--guide-learning-rate", "0"], "--guide-learning-rate must be finite and > 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--eval-chunk-size", "0"], "--eval-chunk-size must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1197 training images"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be a positive integer"),
+])
+def test_bad_flag_fails_at_the_door_in_one_line_leaving_no_folder(tmp_path, capsys, flags, needle):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "5", "--out", str(out), *TINY, *flags]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_unwritable_fails_in_one_line(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert main(["train", "--steps", "5", "--out", str(target), *TINY]) == 2
+    _one_line_error(capsys, str(target), "is a file")
+    assert target.read_text() == "keep me"
+    assert main(["train", "--steps", "5", "--out", str(target / "sub"), *TINY]) == 2
+    _one_line_error(capsys, "is a file")
+    if os.geteuid() == 0:  # root writes through permissions: use a read-only mount instead
+        locked = Path("/sys/jaxelbo-out")
+        if os.access("/sys", os.W_OK) and not Path("/sys").is_mount():
+            pytest.skip("no read-only folder to test with")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        locked = tmp_path / "ro" / "run"
+    assert main(["train", "--steps", "5", "--out", str(locked), *TINY]) == 2
+    _one_line_error(capsys, str(locked), "not writable")
+    assert not locked.exists()
+
+
+def test_second_run_on_a_locked_folder_is_refused_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 50, "split": "train"}\n' * 9)
+    (out / "config.json").write_text(json.dumps({"settings": {"seed": 0}}))
+    with rundir.RunLock(out):  # what a running `jaxelbo train --out run` holds
+        before = _snapshot(out)
+        for extra in ([], ["--resume"], ["--overwrite"], ["--seed", "1"]):
+            assert main(["train", "--steps", "5", "--out", str(out), *TINY, *extra]) == 2
+            _one_line_error(capsys, str(out), "in use by another jaxelbo run")
+            assert _snapshot(out) == before
+
+
+def test_fresh_run_into_another_runs_folder_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 50}\n')
+    assert main(["train", "--steps", "5", "--out", str(out), *TINY]) == 2
+    _one_line_error(capsys, "holds another run's files (metrics.jsonl)", "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 50}\n'
+
+
+@pytest.mark.parametrize("config,needle", [
+    ("{not json", "is not a valid jaxelbo run configuration"),
+    ('{"settings": {}}', "is not a valid jaxelbo run configuration (missing 'dataset')"),
+    ('[1, 2]', "is not a valid jaxelbo run configuration"),
+])
+def test_broken_config_json_in_evaluate_is_one_line(tmp_path, capsys, config, needle):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10"]) == 2
+    _one_line_error(capsys, str(tmp_path / "config.json"), needle)
+
+
+def test_evaluate_refuses_a_mismatched_or_damaged_checkpoint_in_one_line(state, tmp_path, capsys):
+    params, opt_state = state
+    settings = {"dataset": "digits", "data_dir": None, "validation_size": None, "learning_rate": 1e-3,
+                "guide_learning_rate": None, "seed": 0, "binarization": "dynamic"}
+    config = {"settings": settings, "vae": {"data_dim": 64, "hidden": [8], "latent_dim": 3}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    checkpoint.save(tmp_path / "checkpoints", 7, params, opt_state)
+    assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10", "--no-surgery"]) == 2
+    _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"), "another model")
+    config["vae"]["latent_dim"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _scribble_biggest(tmp_path / "checkpoints" / "7")
+    assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10", "--no-surgery"]) == 2
+    _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"))
+    assert not (tmp_path / "evaluation.json").exists()

@@ -123,3 +123,125 @@ def test_float64_params_flow():
 def test_rebuild_has_the_same_structure(net):
     again = vae.rebuild(net.config)
     assert jax.tree.structure(again.params) == jax.tree.structure(net.params)
+
+
+# --------------------------------------------------------------------------- two stochastic layers
+
+DZ1, DZ2 = 4, 3
+
+
+@pytest.fixture(scope="module")
+def net2():
+    return vae.build_two_layer(jax.random.key(0), D, hidden=((16, 8), (6,)), latent_dims=(DZ1, DZ2))
+
+
+def _mlp(params, h):
+    """Hand-written tanh MLP over flax's pure-dict params (kernel ``(in, out)``)."""
+    layers = sorted(k for k in params if k.startswith("hidden"))
+    for name in layers:
+        h = jnp.tanh(h @ params[name]["kernel"] + params[name]["bias"])
+    return h @ params["out"]["kernel"] + params["out"]["bias"]
+
+
+def _gauss(params, z, h):
+    out = _mlp(params["net"], h)
+    mean, log_std = out[: z.shape[-1]], out[z.shape[-1]:]
+    return jnp.sum(-0.5 * ((z - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi))
+
+
+def test_two_layer_shapes_mirror_burda_section_5():
+    net = vae.build(jax.random.key(0), 784, stochastic_layers=2)
+    shapes = jax.tree.map(jnp.shape, net.params)
+    q1, q2 = shapes["guide"]["z1"]["net"], shapes["guide"]["z2"]["net"]
+    p1, px = shapes["model"]["z1"]["net"], shapes["model"]["x"]["net"]
+    assert [q1[k]["kernel"] for k in ("hidden0", "hidden1", "out")] == [(784, 100), (100, 100), (100, 200)]
+    assert [q2[k]["kernel"] for k in ("hidden0", "hidden1", "out")] == [(100, 50), (50, 50), (50, 100)]
+    assert [p1[k]["kernel"] for k in ("hidden0", "hidden1", "out")] == [(50, 50), (50, 50), (50, 200)]
+    assert [px[k]["kernel"] for k in ("hidden0", "hidden1")] == [(100, 100), (100, 100)]
+    assert px["out"]["bias"] == (784,)
+    assert net.config == {"data_dim": 784, "hidden": [[100, 100], [50, 50]], "latent_dim": [100, 50],
+                          "stochastic_layers": 2}
+    again = vae.rebuild(net.config)
+    assert jax.tree.structure(again.params) == jax.tree.structure(net.params)
+
+
+def test_two_layer_bad_arguments_raise():
+    with pytest.raises(ValueError, match="stochastic_layers must be 1 or 2"):
+        vae.build(jax.random.key(0), D, stochastic_layers=3)
+    with pytest.raises(ValueError, match="build_two_layer"):
+        vae.build(jax.random.key(0), D, hidden=(8,), stochastic_layers=2)
+    with pytest.raises(ValueError, match="one entry per stochastic layer"):
+        vae.build_two_layer(jax.random.key(0), D, latent_dims=(3,))
+
+
+def test_two_layer_densities_match_hand_formulas(net2):
+    x = (jnp.arange(D) % 2).astype(jnp.float32)
+    z1, z2 = jnp.array([0.3, -1.2, 0.5, 0.1]), jnp.array([0.7, -0.2, 1.1])
+    theta, phi = net2.params["model"], net2.params["guide"]
+    log_p_z2 = -0.5 * jnp.sum(z2**2) - 1.5 * math.log(2 * math.pi)
+    np.testing.assert_allclose(net2.model.log_prior(theta, (z1, z2)), log_p_z2 + _gauss(theta["z1"], z1, z2),
+                               rtol=1e-5)
+    logits = _mlp(theta["x"]["net"], z1)
+    expected = jnp.sum(x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits))
+    np.testing.assert_allclose(net2.model.log_likelihood(theta, x, (z1, z2)), expected, rtol=1e-5)
+    np.testing.assert_allclose(net2.guide.log_prob(phi, x, (z1, z2)),
+                               _gauss(phi["z1"], z1, x) + _gauss(phi["z2"], z2, z1), rtol=1e-5)
+    np.testing.assert_allclose(net2.decode(theta, z1), jax.nn.sigmoid(logits), rtol=1e-5)
+
+
+def test_two_layer_samples_are_ancestral(net2):
+    """z1 ~ q(z1|x); given each z1, (z2 - mu2(z1)) / sigma2(z1) is standard normal."""
+    x = jnp.linspace(0, 1, D)
+    phi = net2.params["guide"]
+    z1, z2 = jax.vmap(net2.guide.sample, in_axes=(None, 0, None))(phi, jax.random.split(jax.random.key(4), 20000), x)
+    chex.assert_shape((z1, z2), ((20000, DZ1), (20000, DZ2)))
+    mean1, std1 = net2.encode(phi, x)
+    assert jnp.all(jnp.abs(z1.mean(0) - mean1) < 5 * std1 / math.sqrt(20000))
+    out = jax.vmap(lambda h: _mlp(phi["z2"]["net"], h))(z1)
+    u = (z2 - out[:, :DZ2]) * jnp.exp(-out[:, DZ2:])
+    assert jnp.all(jnp.abs(u.mean(0)) < 5 / math.sqrt(20000)) and jnp.all(jnp.abs(u.std(0) - 1) < 0.03)
+    # z2 depends on the first layer's parameters through z1
+    g = jax.grad(lambda p: net2.guide.sample(p, jax.random.key(5), x)[1].sum())(phi)
+    assert float(jnp.abs(g["z1"]["net"]["out"]["bias"]).sum()) > 0
+
+
+def test_two_layer_posterior_means_and_generate(net2):
+    x = (jax.random.uniform(jax.random.key(6), (5, D)) < 0.5).astype(jnp.float32)
+    phi = net2.params["guide"]
+    m1, m2 = net2.posterior_means(phi, jax.random.key(7), x)
+    np.testing.assert_allclose(m1, net2.encode(phi, x)[0], rtol=1e-6)
+    # the second layer's estimate is unbiased for E_q[z2 | x]: average it over 100 keys and
+    # compare with the mean of 20000 draws of z2
+    m2s = jax.vmap(lambda k: net2.posterior_means(phi, k, x)[1])(jax.random.split(jax.random.key(10), 100))
+    _, z2 = jax.vmap(jax.vmap(net2.guide.sample, in_axes=(None, 0, None)), in_axes=(None, None, 0))(
+        phi, jax.random.split(jax.random.key(8), 20000), x)
+    se = jnp.sqrt(z2.var(1) / 20000 + m2s.var(0) / 100)
+    assert jnp.all(jnp.abs(m2s.mean(0) - z2.mean(1)) < 5 * se)
+    assert jnp.all(jnp.abs(m2s.mean(0) - z2.mean(1) - 0.2) > 5 * se)  # negative control: it has power
+    images = net2.generate(net2.params["model"], jax.random.key(9), 7)
+    chex.assert_shape(images, (7, D))
+    assert jnp.all((images > 0) & (images < 1))
+
+
+@pytest.mark.slow
+def test_every_objective_and_estimator_runs_on_two_layers(net2):
+    """Each (objective, estimator) pair: value == -mean bound, finite gradients shaped like params."""
+    from jaxelbo import registry
+
+    x = (jax.random.uniform(jax.random.key(1), (3, D)) < 0.5).astype(jnp.float32)
+    losses = {(o, e): registry.make(o, net2.model, net2.guide, estimator=e, num_samples=4)
+              for o, e in registry.pairs()}
+
+    @jax.jit
+    def all_pairs(params, rng):
+        return {pair: jax.value_and_grad(fn, has_aux=True)(params, rng, x) for pair, fn in losses.items()}
+
+    results = all_pairs(net2.params, jax.random.key(2))
+    assert len(results) >= 20
+    for pair, ((loss, aux), grads) in results.items():
+        chex.assert_shape(aux["bound"], (3,))
+        chex.assert_trees_all_equal_shapes(grads, net2.params)
+        chex.assert_tree_all_finite((loss, grads))
+        if pair[0] != "piwae":  # piwae's value is the MIWAE bound phi trains on
+            np.testing.assert_allclose(loss, -aux["bound"].mean(), rtol=1e-5, err_msg=str(pair))
+        assert float(jnp.abs(grads["guide"]["z2"]["net"]["out"]["bias"]).sum()) > 0, pair

@@ -1,6 +1,6 @@
 """The variational auto-encoder of Burda et al. (2016), written with flax NNX.
 
-One stochastic layer, as in the single-layer experiments of the IWAE paper:
+One stochastic layer (:func:`build`), as in the single-layer experiments of the IWAE paper:
 
 .. math::
 
@@ -12,6 +12,23 @@ with ``f_theta`` an MLP ``d_z - 200 - 200 - d_x`` and ``(mu_phi, log sigma_phi)`
 ``d_x - 200 - 200 - (d_z, d_z)``, tanh hidden units (widths, depth and ``d_z`` are
 arguments). The guide's sample is reparameterised, ``z = mu + sigma * eps`` with
 ``eps ~ N(0, I)``, so every pathwise estimator (reparam, stl, dreg) applies.
+
+Two stochastic layers (:func:`build_two_layer`, or ``build(..., stochastic_layers=2)``),
+Burda et al.'s section 5 architecture:
+
+.. math::
+
+   q_\\phi(z_1, z_2 \\mid x) = q_\\phi(z_1 \\mid x)\\, q_\\phi(z_2 \\mid z_1), \\qquad
+   p_\\theta(x, z_1, z_2) = p(z_2)\\, p_\\theta(z_1 \\mid z_2)\\, p_\\theta(x \\mid z_1),
+
+with ``p(z_2) = N(0, I)``, every conditional of ``z`` a diagonal Gaussian whose mean and
+log standard deviation come from a tanh MLP (guide: ``784-100-100-(100)`` and
+``100-50-50-(50)``; model mirrored: ``50-50-50-(100)`` and ``100-100-100-784``) and a
+Bernoulli ``p(x | z_1)``. A latent is the tuple ``z = (z_1, z_2)``: jaxelbo's log-weights,
+objectives and estimators treat ``z`` as a pytree, so every one of them applies. The guide
+samples ancestrally, ``z_1 = mu_1(x) + sigma_1(x) eps_1``, ``z_2 = mu_2(z_1) + sigma_2(z_1)
+eps_2``, so ``z_2`` depends on ``phi`` through ``z_1`` as well: the pathwise estimators
+(reparam, stl, dreg) differentiate through both.
 
 The modules are split once with :func:`flax.nnx.split`; the parameters travel as plain
 nested dicts (``nnx.to_pure_dict``) and every function below merges them with the
@@ -83,16 +100,44 @@ class Decoder(nnx.Module):
         return self.net(z)
 
 
+class TwoLayerEncoder(nnx.Module):
+    """``q_phi(z_1 | x) q_phi(z_2 | z_1)``: two diagonal-Gaussian layers, ``x -> z_1 -> z_2``."""
+
+    def __init__(self, data_dim: int, hidden: Sequence[Sequence[int]], latent_dims: Sequence[int], *,
+                 rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
+        self.z1 = Encoder(data_dim, hidden[0], latent_dims[0], rngs=rngs, param_dtype=param_dtype)
+        self.z2 = Encoder(latent_dims[0], hidden[1], latent_dims[1], rngs=rngs, param_dtype=param_dtype)
+
+
+class TwoLayerDecoder(nnx.Module):
+    """``p_theta(z_1 | z_2) p_theta(x | z_1)``: the mirror image of :class:`TwoLayerEncoder`."""
+
+    def __init__(self, data_dim: int, hidden: Sequence[Sequence[int]], latent_dims: Sequence[int], *,
+                 rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
+        self.z1 = Encoder(latent_dims[1], tuple(reversed(hidden[1])), latent_dims[0], rngs=rngs,
+                          param_dtype=param_dtype)
+        self.x = Decoder(latent_dims[0], tuple(reversed(hidden[0])), data_dim, rngs=rngs,
+                         param_dtype=param_dtype)
+
+
 class VAE(NamedTuple):
-    """Everything :func:`build` returns.
+    """Everything :func:`build` and :func:`build_two_layer` return.
 
     Attributes:
       model: the :class:`~jaxelbo.Model` (prior and Bernoulli decoder), per example.
       guide: the :class:`~jaxelbo.Guide` (Gaussian encoder), per example.
       params: ``{"model": decoder params, "guide": encoder params}`` (nested dicts).
-      encode: ``(phi, x) -> (mean, std)``; works on one ``x`` or any leading batch axes.
-      decode: ``(theta, z) -> Bernoulli means sigmoid(logits)``; any leading axes.
+      encode: ``(phi, x) -> (mean, std)`` of ``q(z | x)`` (two layers: of ``q(z_1 | x)``);
+        works on one ``x`` or any leading batch axes.
+      decode: ``(theta, z) -> Bernoulli means sigmoid(logits)`` (two layers: from ``z_1``);
+        any leading axes.
       config: the keyword arguments that rebuild the same architecture.
+      generate: ``(theta, rng, n) -> (n, d_x)`` Bernoulli means of ancestral draws from
+        the model (``z ~ p(z)``, or ``z_2 ~ p(z_2)``, ``z_1 ~ p(z_1 | z_2)``).
+      posterior_means: ``(phi, rng, x) -> tuple`` of ``E_q[z_l | x]``, one ``(N, d_l)``
+        array per stochastic layer, for ``x`` of shape ``(N, d_x)``: exact for the first
+        layer, ``mean_s mu_2(z_1^s)`` over 100 draws ``z_1^s ~ q(z_1 | x)`` for the second
+        (its Monte Carlo error vanishes for an inactive unit, whose ``mu_2`` is constant).
     """
 
     model: Model
@@ -101,6 +146,8 @@ class VAE(NamedTuple):
     encode: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
     decode: Callable[[Any, jax.Array], jax.Array]
     config: dict
+    generate: Callable[[Any, jax.Array, int], jax.Array] | None = None
+    posterior_means: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, ...]] | None = None
 
 
 def data_mean_logits(x_train: jax.Array, eps: float = 1e-3) -> jax.Array:
@@ -132,12 +179,24 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), latent_dim: int = 50,
-          output_bias: jax.Array | None = None, param_dtype: Any = jnp.float32) -> VAE:
+          output_bias: jax.Array | None = None, param_dtype: Any = jnp.float32,
+          stochastic_layers: int = 1) -> VAE:
     """Builds the Burda et al. (2016) VAE; see :func:`make` for the arguments.
+
+    ``stochastic_layers=2`` builds Burda et al.'s two-layer VAE with its section-5 sizes
+    (:func:`build_two_layer`); ``hidden`` and ``latent_dim`` must then keep their
+    defaults (use :func:`build_two_layer` for other sizes).
 
     Returns:
       A :class:`VAE` with the model, guide, params and batched ``encode``/``decode``.
     """
+    if stochastic_layers not in (1, 2):
+        raise ValueError(f"stochastic_layers must be 1 or 2, got {stochastic_layers}")
+    if stochastic_layers == 2:
+        if tuple(hidden) != (200, 200) or latent_dim != 50:
+            raise ValueError("stochastic_layers=2 builds Burda et al.'s two-layer sizes; hidden and "
+                             "latent_dim set the one-layer VAE (use build_two_layer for other sizes)")
+        return build_two_layer(rng, data_dim, output_bias=output_bias, param_dtype=param_dtype)
     if data_dim < 1 or latent_dim < 1 or any(int(h) < 1 for h in hidden):
         raise ValueError(f"data_dim, latent_dim and hidden widths must be positive, got "
                          f"data_dim={data_dim}, latent_dim={latent_dim}, hidden={tuple(hidden)}")
@@ -185,12 +244,138 @@ def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), 
     def decode(theta, z):
         return jax.nn.sigmoid(decode_logits(theta, z))
 
+    def generate(theta, rng, n):
+        return decode(theta, jax.random.normal(rng, (n, latent_dim), param_dtype))
+
+    def posterior_means(phi, rng, x):
+        del rng
+        return (encode_raw(phi, x)[0],)
+
     config = {"data_dim": int(data_dim), "hidden": list(hidden), "latent_dim": int(latent_dim)}
-    return VAE(Model(log_prior, log_likelihood), Guide(sample, log_prob), params, encode, decode, config)
+    return VAE(Model(log_prior, log_likelihood), Guide(sample, log_prob), params, encode, decode, config,
+               generate, posterior_means)
+
+
+def _gaussian_sample(layer: Encoder, rng: jax.Array, h: jax.Array) -> jax.Array:
+    """``mean + exp(log_std) * eps`` of the Gaussian layer at input ``h``."""
+    mean, log_std = layer(h)
+    return mean + jnp.exp(log_std) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def _gaussian_log_prob(layer: Encoder, z: jax.Array, h: jax.Array) -> jax.Array:
+    """``log N(z; mean(h), diag exp(2 log_std(h)))`` of the Gaussian layer."""
+    mean, log_std = layer(h)
+    return diag_normal_log_prob(z, mean, log_std)
+
+
+def build_two_layer(rng: jax.Array, data_dim: int, *,
+                    hidden: Sequence[Sequence[int]] = ((100, 100), (50, 50)),
+                    latent_dims: Sequence[int] = (100, 50), output_bias: jax.Array | None = None,
+                    param_dtype: Any = jnp.float32, posterior_mean_samples: int = 100) -> VAE:
+    r"""Burda et al.'s (2016, section 5) VAE with two stochastic layers, ``z = (z_1, z_2)``.
+
+    .. math::
+
+       \log 	ilde w = \log p(z_2) + \log p_	heta(z_1 \mid z_2) + \log p_	heta(x \mid z_1)
+                     - \log q_\phi(z_1 \mid x) - \log q_\phi(z_2 \mid z_1).
+
+    ``Model.log_prior`` is ``log p(z_2) + log p(z_1 | z_2)``, ``Model.log_likelihood``
+    is ``log p(x | z_1)``; ``Guide.log_prob`` is ``log q(z_1 | x) + log q(z_2 | z_1)``.
+
+    Args:
+      rng: PRNG key for the initial weights.
+      data_dim: number of pixels ``d_x``.
+      hidden: hidden widths of ``q(z_1 | x)`` and of ``q(z_2 | z_1)``; the model's
+        ``p(z_1 | z_2)`` and ``p(x | z_1)`` mirror them (default ``((100, 100), (50, 50))``).
+      latent_dims: ``(d_{z_1}, d_{z_2})`` (default ``(100, 50)``).
+      output_bias: optional ``(d_x,)`` initial bias of ``p(x | z_1)``'s logits.
+      param_dtype: dtype of the weights.
+      posterior_mean_samples: draws of ``z_1`` behind ``posterior_means``' second layer.
+
+    Returns:
+      A :class:`VAE`; its ``encode``/``decode`` act on the first layer (``x <-> z_1``).
+
+    Example:
+      >>> import jax, jaxelbo as je
+      >>> from jaxelbo.models import vae
+      >>> net = vae.build_two_layer(jax.random.key(0), 16, hidden=((8,), (4,)), latent_dims=(3, 2))
+      >>> z1, z2 = net.guide.sample(net.params["guide"], jax.random.key(1), jax.numpy.ones(16))
+      >>> z1.shape, z2.shape
+      ((3,), (2,))
+
+    References:
+      Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519, section 5.
+    """
+    hidden = tuple(tuple(int(w) for w in h) for h in hidden)
+    latent_dims = tuple(int(d) for d in latent_dims)
+    if len(hidden) != 2 or len(latent_dims) != 2:
+        raise ValueError(f"hidden and latent_dims need one entry per stochastic layer (2), got "
+                         f"hidden={hidden}, latent_dims={latent_dims}")
+    if data_dim < 1 or min(latent_dims) < 1 or any(w < 1 for h in hidden for w in h):
+        raise ValueError(f"data_dim, latent_dims and hidden widths must be positive, got "
+                         f"data_dim={data_dim}, latent_dims={latent_dims}, hidden={hidden}")
+    d1, d2 = latent_dims
+    enc_rng, dec_rng = jax.random.split(rng)
+    encoder = TwoLayerEncoder(data_dim, hidden, latent_dims, rngs=nnx.Rngs(params=enc_rng),
+                              param_dtype=param_dtype)
+    decoder = TwoLayerDecoder(data_dim, hidden, latent_dims, rngs=nnx.Rngs(params=dec_rng),
+                              param_dtype=param_dtype)
+    if output_bias is not None:
+        bias = jnp.asarray(output_bias, dtype=param_dtype)
+        if bias.shape != (data_dim,):
+            raise ValueError(f"output_bias must have shape ({data_dim},), got {bias.shape}")
+        decoder.x.net.out.bias[...] = bias
+    enc_graph, enc_state = nnx.split(encoder)
+    dec_graph, dec_state = nnx.split(decoder)
+    params = {"model": nnx.to_pure_dict(dec_state), "guide": nnx.to_pure_dict(enc_state)}
+
+    def log_prior(theta, z):
+        z1, z2 = z
+        return standard_normal_log_prob(z2) + _gaussian_log_prob(nnx.merge(dec_graph, theta).z1, z1, z2)
+
+    def log_likelihood(theta, x, z):
+        return bernoulli_log_prob(x, nnx.merge(dec_graph, theta).x(z[0]))
+
+    def sample(phi, rng, x):
+        enc = nnx.merge(enc_graph, phi)
+        k1, k2 = jax.random.split(rng)
+        z1 = _gaussian_sample(enc.z1, k1, x)
+        return z1, _gaussian_sample(enc.z2, k2, z1)
+
+    def log_prob(phi, x, z):
+        enc = nnx.merge(enc_graph, phi)
+        z1, z2 = z
+        return _gaussian_log_prob(enc.z1, z1, x) + _gaussian_log_prob(enc.z2, z2, z1)
+
+    def encode(phi, x):
+        mean, log_std = nnx.merge(enc_graph, phi).z1(x)
+        return mean, jnp.exp(log_std)
+
+    def decode(theta, z1):
+        return jax.nn.sigmoid(nnx.merge(dec_graph, theta).x(z1))
+
+    def generate(theta, rng, n):
+        dec = nnx.merge(dec_graph, theta)
+        k2, k1 = jax.random.split(rng)
+        z2 = jax.random.normal(k2, (n, d2), param_dtype)
+        return jax.nn.sigmoid(dec.x(_gaussian_sample(dec.z1, k1, z2)))
+
+    def posterior_means(phi, rng, x):
+        enc = nnx.merge(enc_graph, phi)
+        mean1, log_std1 = enc.z1(x)
+        eps = jax.random.normal(rng, (posterior_mean_samples, *mean1.shape), mean1.dtype)
+        mean2 = jnp.mean(enc.z2(mean1 + jnp.exp(log_std1) * eps)[0], axis=0)
+        return mean1, mean2
+
+    config = {"data_dim": int(data_dim), "hidden": [list(h) for h in hidden], "latent_dim": list(latent_dims),
+              "stochastic_layers": 2}
+    return VAE(Model(log_prior, log_likelihood), Guide(sample, log_prob), params, encode, decode, config,
+               generate, posterior_means)
 
 
 def make(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), latent_dim: int = 50,
-         output_bias: jax.Array | None = None, param_dtype: Any = jnp.float32) -> tuple[Model, Guide, dict]:
+         output_bias: jax.Array | None = None, param_dtype: Any = jnp.float32,
+         stochastic_layers: int = 1) -> tuple[Model, Guide, dict]:
     """The Burda et al. (2016) VAE as ``(model, guide, params)``.
 
     Args:
@@ -201,6 +386,8 @@ def make(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), l
       output_bias: optional ``(d_x,)`` initial decoder output bias; Burda et al. use the
         logit of the training-data mean, see :func:`data_mean_logits`.
       param_dtype: dtype of the weights (``jnp.float64`` under ``jax_enable_x64``).
+      stochastic_layers: 1, or 2 for Burda et al.'s two-layer VAE (:func:`build_two_layer`;
+        its latent is the tuple ``(z_1, z_2)``).
 
     Returns:
       ``(model, guide, params)`` with ``params = {"model": theta, "guide": phi}``.
@@ -217,10 +404,13 @@ def make(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), l
       Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
     """
     return build(rng, data_dim, hidden=hidden, latent_dim=latent_dim, output_bias=output_bias,
-                 param_dtype=param_dtype)[:3]
+                 param_dtype=param_dtype, stochastic_layers=stochastic_layers)[:3]
 
 
 def rebuild(config: dict, param_dtype: Any = jnp.float32) -> VAE:
     """The :class:`VAE` of a saved ``config`` (weights from a fixed key: restore params after)."""
+    if config.get("stochastic_layers", 1) == 2:
+        return build_two_layer(jax.random.key(0), config["data_dim"], hidden=config["hidden"],
+                               latent_dims=config["latent_dim"], param_dtype=param_dtype)
     return build(jax.random.key(0), config["data_dim"], hidden=tuple(config["hidden"]),
                  latent_dim=config["latent_dim"], param_dtype=param_dtype)

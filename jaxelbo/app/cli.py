@@ -19,6 +19,18 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    try:
+        from importlib.metadata import version
+
+        return version("jaxelbo")
+    except Exception:  # noqa: BLE001 - not installed: fall back to the package attribute
+        from jaxelbo import __version__
+
+        return __version__
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Bad flags end with one line naming the problem (and the valid choices)."""
 
@@ -27,7 +39,11 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog="jaxelbo", description=__doc__.splitlines()[0])
+    parser = _OneLineErrorParser(
+        prog="jaxelbo",
+        description="Variational bounds and their gradient estimators in JAX: "
+                    "jaxelbo {train,evaluate,snr,bench} ... (jaxelbo COMMAND --help for each command's flags).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
                                 parser_class=_OneLineErrorParser)
     sub.required = True

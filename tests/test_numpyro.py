@@ -1,0 +1,319 @@
+"""The NumPyro bridge, checked against closed forms and against NumPyro's own ELBO estimators."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+numpyro = pytest.importorskip("numpyro")
+
+import numpyro.distributions as dist  # noqa: E402
+from numpyro.infer import RenyiELBO, Trace_ELBO, init_to_value  # noqa: E402
+from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal  # noqa: E402
+from numpyro.infer.util import log_density  # noqa: E402
+
+import jaxelbo as je  # noqa: E402
+from jaxelbo.numpyro import constrained_params, from_numpyro  # noqa: E402
+
+D = 2
+MU = jnp.array([0.3, -0.5])
+X = jnp.array([[1.0, 0.5], [-0.4, 2.0], [0.0, 0.0], [2.5, -1.0], [0.7, 0.1], [-1.2, -0.3]])
+
+
+def normal_logpdf(v, mean, var):
+    return -0.5 * jnp.sum(jnp.log(2 * jnp.pi * var) + (v - mean) ** 2 / var)
+
+
+# The conjugate Gaussian model of one example: z ~ N(mu, I), x | z ~ N(z, I); p(x) = N(mu, 2I).
+def model(x):
+    mu = numpyro.param("mu", MU)
+    z = numpyro.sample("z", dist.Normal(mu, 1.0).to_event(1))
+    numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+def guide(x, a=0.5, b=MU / 2, s=None):  # the exact posterior by default: N(x/2 + mu/2, I/2)
+    a = numpyro.param("a", a)
+    b = numpyro.param("b", b)
+    s = numpyro.param("s", math.sqrt(0.5) if s is None else s, constraint=dist.constraints.positive)
+    numpyro.sample("z", dist.Normal(a * x + b, s).to_event(1))
+
+
+def off_guide(x):  # not the posterior: b off by 0.8, scale 1 instead of sqrt(1/2)
+    guide(x, b=MU / 2 + 0.8, s=1.0)
+
+
+# The same model over a batch, in one NumPyro program with a plate (what NumPyro's own ELBOs take).
+def batch_model(xs):
+    mu = numpyro.param("mu", MU)
+    with numpyro.plate("data", xs.shape[0]):
+        z = numpyro.sample("z", dist.Normal(mu, 1.0).to_event(1))
+        numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=xs)
+
+
+def batch_off_guide(xs):
+    a = numpyro.param("a", 0.5)
+    b = numpyro.param("b", MU / 2 + 0.8)
+    s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
+    with numpyro.plate("data", xs.shape[0]):
+        numpyro.sample("z", dist.Normal(a * xs + b, s).to_event(1))
+
+
+def z_score(a: np.ndarray, b: np.ndarray) -> float:
+    """(mean a - mean b) / its standard error, for independent replicates."""
+    se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return float((a.mean() - b.mean()) / se)
+
+
+def test_sites_map_to_log_prior_log_likelihood_and_log_prob():
+    m, g, params = from_numpyro(model, guide, jax.random.key(0), X[0])
+    assert sorted(params["model"]) == ["mu"] and sorted(params["guide"]) == ["a", "b", "s"]
+    # the positive parameter travels unconstrained: biject_to(positive) is exp
+    np.testing.assert_allclose(params["guide"]["s"], math.log(math.sqrt(0.5)), rtol=1e-6)
+    z = g.sample(params["guide"], jax.random.key(1), X[1])
+    assert set(z) == {"z"} and z["z"].shape == (D,)
+    theta, phi = params["model"], params["guide"]
+    np.testing.assert_allclose(m.log_prior(theta, z), normal_logpdf(z["z"], MU, 1.0), rtol=1e-6)
+    np.testing.assert_allclose(m.log_likelihood(theta, X[1], z), normal_logpdf(X[1], z["z"], 1.0), rtol=1e-6)
+    np.testing.assert_allclose(g.log_prob(phi, X[1], z), normal_logpdf(z["z"], 0.5 * X[1] + MU / 2, 0.5),
+                               rtol=1e-6)
+    flat = constrained_params(params, model, guide, X[0])
+    np.testing.assert_allclose(flat["s"], math.sqrt(0.5), rtol=1e-6)
+    np.testing.assert_allclose(flat["mu"], MU)
+
+
+def test_log_likelihood_matches_the_closed_form():
+    exact = jax.vmap(lambda x: normal_logpdf(x, MU, 2.0))(X)
+    m, g, params = from_numpyro(model, guide, jax.random.key(0), X[0])
+    # at the exact posterior every log-weight equals log p(x): IWAE is exact for any K
+    ll = jax.jit(lambda p: je.log_likelihood(m, g, p, jax.random.key(1), X, num_samples=16))(params)
+    np.testing.assert_allclose(ll, exact, rtol=1e-5, atol=1e-5)
+    # with a guide off the posterior, K = 5000 brings IWAE within a few hundredths of a nat
+    m, g, params = from_numpyro(model, off_guide, jax.random.key(0), X[0])
+    ll = jax.jit(lambda p: je.log_likelihood(m, g, p, jax.random.key(1), X, num_samples=5000))(params)
+    assert np.max(np.abs(ll - exact)) < 0.05, ll - exact
+
+
+@pytest.mark.slow  # ~10 s: 1000 replicates of each loss, compiled
+def test_iwae_averages_to_numpyro_renyi_elbo():
+    """je.iwae's loss (times B) and NumPyro's RenyiELBO(alpha=0) loss estimate the same -sum_b E[IWAE_K]."""
+    num_replicates, k = 1000, 8
+    m, g, params = from_numpyro(model, off_guide, jax.random.key(0), X[0])
+    param_map = constrained_params(params, model, off_guide, X[0])
+    keys = jax.random.split(jax.random.key(2), num_replicates)
+    loss_fn = je.iwae(m, g, num_samples=k, estimator="dreg")
+    ours = jax.jit(jax.vmap(lambda r: loss_fn(params, r, X)[0] * X.shape[0]))(keys)
+
+    def numpyro_losses(num_particles):
+        elbo = RenyiELBO(alpha=0.0, num_particles=num_particles)
+        return jax.jit(jax.vmap(lambda r: elbo.loss(r, param_map, batch_model, batch_off_guide, X)))(keys)
+
+    theirs = numpyro_losses(k)
+    assert abs(z_score(np.asarray(ours), np.asarray(theirs))) < 4.0
+    # negative control: the same comparison detects IWAE_2 against IWAE_8
+    assert abs(z_score(np.asarray(ours), np.asarray(numpyro_losses(2)))) > 8.0
+
+
+def regression_data(num_points=20, num_features=3):
+    kx, kw, kn = jax.random.split(jax.random.key(5), 3)
+    xs = jax.random.normal(kx, (num_points, num_features))
+    w = jax.random.normal(kw, (num_features,))
+    return xs, xs @ w + 0.5 * jax.random.normal(kn, (num_points,))
+
+
+def regression(xs, ys):  # global latents: the weights and the noise scale of a Bayesian regression
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([xs.shape[-1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(xs @ w, sigma).to_event(1), obs=ys)
+
+
+def regression_known_noise(xs, ys):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([xs.shape[-1]]).to_event(1))
+    numpyro.sample("y", dist.Normal(xs @ w, 0.5).to_event(1), obs=ys)
+
+
+def test_autonormal_elbo_matches_the_closed_form():
+    """AutoNormal on a regression with known noise: the Gaussian ELBO is analytic."""
+    xs, ys = regression_data()
+    auto = AutoNormal(regression_known_noise)
+    m, g, params = from_numpyro(regression_known_noise, auto, jax.random.key(0), xs, ys)
+    assert sorted(params["guide"]) == ["w_auto_loc", "w_auto_scale"] and params["model"] == {}
+    flat = constrained_params(params, regression_known_noise, auto, xs, ys)
+    loc, scale = flat["w_auto_loc"], flat["w_auto_scale"]
+    var_noise = 0.25
+    exact = (jnp.sum(-0.5 * jnp.log(2 * jnp.pi * var_noise)
+                     - ((ys - xs @ loc) ** 2 + (xs ** 2) @ scale ** 2) / (2 * var_noise))
+             + jnp.sum(-0.5 * jnp.log(2 * jnp.pi) - (loc ** 2 + scale ** 2) / 2)
+             + jnp.sum(0.5 * jnp.log(2 * jnp.pi * jnp.e * scale ** 2)))
+    batch = (xs[None], ys[None])  # the whole data set is one example
+    loss_fn = je.elbo(m, g, num_samples=20_000)
+    loss, aux = jax.jit(loss_fn)(params, jax.random.key(3), batch)
+    std_error = float(jnp.std(aux["log_weights"]) / math.sqrt(20_000))
+    assert abs(float(-loss - exact)) < 4 * std_error, (float(-loss), float(exact), std_error)
+
+
+@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal])
+def test_log_densities_equal_numpyros_own(autoguide):
+    """Bridged log p(x, z) and log q(z|x) equal numpyro.infer.util.log_density on the same z.
+
+    AutoNormal samples sigma > 0 through a transformed Normal, AutoDiagonalNormal through an
+    auxiliary site and Delta sites carrying the log-Jacobian: both paths are scored.
+    """
+    xs, ys = regression_data()
+    auto = autoguide(regression, init_scale=0.3)
+    m, g, params = from_numpyro(regression, auto, jax.random.key(0), xs, ys)
+    param_map = constrained_params(params, regression, auto, xs, ys)
+
+    @jax.jit
+    def both(rng):
+        z = g.sample(params["guide"], rng, (xs, ys))
+        ours = (g.log_prob(params["guide"], (xs, ys), z),
+                m.log_prior(params["model"], z) + m.log_likelihood(params["model"], (xs, ys), z))
+        theirs = (log_density(auto, (xs, ys), {}, {**param_map, **z})[0],
+                  log_density(regression, (xs, ys), {}, z)[0])
+        return z, ours, theirs
+
+    for seed in range(3):
+        z, ours, theirs = both(jax.random.key(seed))
+        assert {"w", "sigma"} <= set(z) and float(z["sigma"]) > 0
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~8 s
+def test_elbo_averages_to_numpyro_trace_elbo_with_a_constrained_latent():
+    xs, ys = regression_data()
+    w_ls = jnp.linalg.lstsq(xs, ys)[0]  # start near the posterior: a low-variance ELBO
+    auto = AutoNormal(regression, init_scale=0.1, init_loc_fn=init_to_value(values={"w": w_ls, "sigma": 0.5}))
+    m, g, params = from_numpyro(regression, auto, jax.random.key(0), xs, ys)
+    param_map = constrained_params(params, regression, auto, xs, ys)
+    num_replicates = 2000
+    keys = jax.random.split(jax.random.key(4), num_replicates)
+    loss_fn = je.elbo(m, g, num_samples=1)
+    ours = np.asarray(jax.jit(jax.vmap(lambda r: loss_fn(params, r, (xs[None], ys[None]))[0]))(keys))
+
+    def trace_elbo(param_map):
+        return np.asarray(jax.jit(jax.vmap(lambda r: Trace_ELBO().loss(r, param_map, regression, auto, xs, ys)))(
+            keys))
+
+    assert abs(z_score(ours, trace_elbo(param_map))) < 4.0
+    # negative control: a guide 1.5 times wider (about half a nat worse) is detected
+    wider = {**param_map, "w_auto_scale": 1.5 * param_map["w_auto_scale"]}
+    assert abs(z_score(ours, trace_elbo(wider))) > 8.0
+
+
+@pytest.mark.slow  # ~15 s: 4000 paired replicates of two gradients, and a control
+def test_dreg_and_reparam_gradients_agree_paired():
+    m, g, params = from_numpyro(model, off_guide, jax.random.key(0), X[0])
+    dreg = je.iwae(m, g, num_samples=8, estimator="dreg")
+    reparam = je.iwae(m, g, num_samples=8, estimator="reparam")
+    stl = je.iwae(m, g, num_samples=8, estimator="stl")
+    same = jax.jit(lambda p: je.paired_bias_test(dreg, reparam, p, jax.random.key(6), X[:3],
+                                                 num_replicates=4000))(params)
+    assert float(same.max_abs_t) < 4.5, same.t
+    # negative control: STL is biased for K > 1 and the same test sees it
+    biased = jax.jit(lambda p: je.paired_bias_test(dreg, stl, p, jax.random.key(6), X[:3],
+                                                   num_replicates=4000))(params)
+    assert float(biased.max_abs_t) > 6.0, biased.t
+
+
+def test_pytree_z_through_every_estimator():
+    """z is a dict of sites: every IWAE estimator returns the same bound on the same key, finite gradients."""
+    m, g, params = from_numpyro(model, off_guide, jax.random.key(0), X[0])
+    values = {}
+    for estimator in je.OBJECTIVES["iwae"]:
+        loss_fn = je.iwae(m, g, num_samples=4, estimator=estimator)
+        (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, jax.random.key(7), X)
+        values[estimator] = float(loss)
+        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(grads))
+        assert float(jnp.abs(grads["guide"]["b"]).sum()) > 0
+    np.testing.assert_allclose(list(values.values()), values["reparam"], rtol=1e-5)
+
+
+# A Gaussian mixture with a categorical (not reparameterisable) guide.
+LOCS = jnp.array([-2.0, 0.0, 3.0])
+
+
+def mixture(x):
+    c = numpyro.sample("c", dist.Categorical(probs=jnp.ones(3) / 3))
+    numpyro.sample("x", dist.Normal(LOCS[c], 1.0), obs=x)
+
+
+def mixture_guide(x):
+    w = numpyro.param("w", jnp.array([-0.5, 0.1, 0.4]))
+    b = numpyro.param("b", jnp.array([0.2, 0.3, -0.1]))
+    numpyro.sample("c", dist.Categorical(logits=w * x + b))
+
+
+def test_pathwise_estimators_refuse_a_discrete_guide():
+    m, g, params = from_numpyro(mixture, mixture_guide, jax.random.key(0), jnp.zeros(()))
+    for estimator in ("reparam", "stl", "dreg"):
+        loss_fn = je.iwae(m, g, num_samples=3, estimator=estimator)
+        jax.jit(loss_fn)(params, jax.random.key(0), jnp.ones(4))  # the value is fine
+        with pytest.raises(ValueError, match=r"\['c'\] are not reparameterisable.*'score' or 'vimco'"):
+            jax.jit(jax.grad(lambda p, f=loss_fn: f(p, jax.random.key(0), jnp.ones(4))[0]))(params)
+
+
+def test_discrete_guide_log_prob_normalises():
+    m, g, params = from_numpyro(mixture, mixture_guide, jax.random.key(0), jnp.zeros(()))
+    probs = [jnp.exp(g.log_prob(params["guide"], jnp.asarray(0.7), {"c": jnp.asarray(float(c))}))
+             for c in range(3)]
+    np.testing.assert_allclose(sum(probs), 1.0, rtol=1e-6)
+
+
+@pytest.mark.slow  # ~10 s: 20,000 replicates of two score-function gradients
+@pytest.mark.parametrize("estimator", ["vimco", "score"])
+def test_score_estimators_on_a_discrete_guide_match_the_enumerated_gradient(estimator):
+    """The expected IWAE_3 bound of one example is a sum over 3^3 latent configurations."""
+    x, k = jnp.asarray([1.4]), 3
+    m, g, params = from_numpyro(mixture, mixture_guide, jax.random.key(0), x[0])
+
+    def expected_iwae(phi):  # written from the formulas, not from the bridge
+        log_q = jax.nn.log_softmax(phi["w"] * x[0] + phi["b"])
+        log_p = math.log(1 / 3) - 0.5 * math.log(2 * math.pi) - 0.5 * (x[0] - LOCS) ** 2
+        total = 0.0
+        for cs in itertools.product(range(3), repeat=k):
+            cs = jnp.asarray(cs)
+            log_w = log_p[cs] - log_q[cs]
+            total = total + jnp.exp(jnp.sum(log_q[cs])) * (jax.nn.logsumexp(log_w) - math.log(k))
+        return total
+
+    exact = jax.grad(expected_iwae)(params["guide"])
+    loss_fn = je.iwae(m, g, num_samples=k, estimator=estimator)
+    reps = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(8), x, num_replicates=20_000))(
+        params)["guide"]
+    for name in ("w", "b"):
+        mean, se = -reps[name].mean(0), reps[name].std(0) / math.sqrt(20_000)
+        assert np.all(np.abs(mean - exact[name]) < 4.5 * se), (name, mean, exact[name], se)
+
+
+def test_bad_input_fails_with_one_clear_line():
+    with pytest.raises(ValueError, match="arguments of one example"):
+        from_numpyro(model, guide, jax.random.key(0))
+
+    def guide_without_z(x):
+        numpyro.param("a", 0.5)
+
+    with pytest.raises(ValueError, match=r"model latent sites \['z'\] have no site"):
+        from_numpyro(model, guide_without_z, jax.random.key(0), X[0])
+
+    def guide_sharing_mu(x):
+        mu = numpyro.param("mu", MU)
+        numpyro.sample("z", dist.Normal(mu, 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match=r"names \['mu'\] appear in both"):
+        from_numpyro(model, guide_sharing_mu, jax.random.key(0), X[0])
+    m, g, params = from_numpyro(regression, AutoNormal(regression), jax.random.key(0), *regression_data())
+    with pytest.raises(ValueError, match="must be a tuple of 2 batches"):
+        je.elbo(m, g)(params, jax.random.key(0), jnp.ones((1, 20)))
+
+
+def test_import_jaxelbo_does_not_import_numpyro():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxelbo; assert 'numpyro' not in sys.modules, 'numpyro imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,8 +5,8 @@ sample budget).
 
 * :func:`make_optimizer` builds separate optimisers for the decoder (theta,
   ``params["model"]``) and the encoder (phi, ``params["guide"]``) with
-  :func:`optax.partition`, wrapped in :func:`optax.apply_if_finite` so that a step with
-  a non-finite gradient never reaches the parameters.
+  :func:`optax.partition`, wrapped in :func:`skip_non_finite` so that a step with a
+  non-finite gradient or update never reaches the parameters, however many in a row.
 * :func:`make_train_step` returns the pure, jit-compiled
   ``(params, opt_state, rng, x) -> (params, opt_state, metrics)``.
 * :func:`make_train_chunk` runs many steps in one compiled dispatch: the training set
@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,33 +46,98 @@ def param_labels(params: dict) -> dict:
     return {name: jax.tree.map(lambda _, n=name: n, params[name]) for name in params}
 
 
+class SkipNonFiniteState(NamedTuple):
+    """State of :func:`skip_non_finite` (the field names of ``optax.ApplyIfFiniteState``).
+
+    Attributes:
+      notfinite_count: non-finite steps in a row, up to now (0 after a finite step).
+      last_finite: whether the last step was applied.
+      total_notfinite: non-finite steps in all.
+      inner_state: the wrapped optimiser's state (untouched by non-finite steps).
+    """
+
+    notfinite_count: jax.Array
+    last_finite: jax.Array
+    total_notfinite: jax.Array
+    inner_state: Any
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that a non-finite step never reaches the parameters.
+
+    A step is applied only if the gradient, ``inner``'s update and (when ``params`` are
+    given) the updated parameters are all finite; otherwise the update is zero and
+    ``inner``'s state (e.g. Adam's moments) is kept. Unlike ``optax.apply_if_finite``,
+    which applies the update anyway after ``max_consecutive_errors`` non-finite steps in
+    a row, this never gives up: the caller decides when to stop, from
+    :func:`consecutive_non_finite`.
+
+    Args:
+      inner: the optimiser to protect.
+
+    Returns:
+      The wrapped transformation; its state is a :class:`SkipNonFiniteState`.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return SkipNonFiniteState(jnp.zeros([], jnp.int32), jnp.array(True), jnp.zeros([], jnp.int32),
+                                  inner.init(params))
+
+    def update(grads, state, params=None, **extra_args):
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        ok = _all_finite(grads) & _all_finite(updates)
+        if params is not None:
+            ok = ok & _all_finite(optax.apply_updates(params, updates))
+        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+        inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state)
+        bad = (~ok).astype(jnp.int32)
+        return updates, SkipNonFiniteState(notfinite_count=(state.notfinite_count + 1) * bad, last_finite=ok,
+                                           total_notfinite=state.total_notfinite + bad, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(learning_rate: float = 1e-3, *, guide_learning_rate: float | None = None,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-4,
-                   max_consecutive_errors: int = 1000) -> optax.GradientTransformation:
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-4) -> optax.GradientTransformation:
     """Adam for theta and phi separately (Burda et al. 2016: beta1 0.9, beta2 0.999, eps 1e-4).
 
     ``optax.partition`` routes ``params["model"]`` and ``params["guide"]`` to their own
     Adam (``guide_learning_rate`` defaults to ``learning_rate``); the whole is wrapped in
-    ``optax.apply_if_finite``: a step whose gradient has a NaN or Inf leaves params and
-    moments untouched and is counted (see :func:`skipped_steps`).
+    :func:`skip_non_finite`: a step whose gradient or update has a NaN or Inf leaves
+    params and moments untouched and is counted (see :func:`skipped_steps`).
     """
     guide_learning_rate = learning_rate if guide_learning_rate is None else guide_learning_rate
     inner = optax.partition(
         {"model": optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
          "guide": optax.adam(guide_learning_rate, b1=b1, b2=b2, eps=eps)},
         param_labels)
-    return optax.apply_if_finite(inner, max_consecutive_errors=max_consecutive_errors)
+    return skip_non_finite(inner)
 
 
-def skipped_steps(opt_state: Any) -> jax.Array:
-    """Total steps skipped by ``optax.apply_if_finite`` (0 if the state has none)."""
+def _count(opt_state: Any, field: str) -> jax.Array:
     def has(s):
-        return hasattr(s, "total_notfinite")
+        return hasattr(s, field)
 
     for s in [opt_state, *jax.tree.leaves(opt_state, is_leaf=has)]:
         if has(s):
-            return jnp.asarray(s.total_notfinite)
+            return jnp.asarray(getattr(s, field))
     return jnp.zeros((), jnp.int32)
+
+
+def skipped_steps(opt_state: Any) -> jax.Array:
+    """Total non-finite steps skipped (by :func:`skip_non_finite`; 0 if the state has none)."""
+    return _count(opt_state, "total_notfinite")
+
+
+def consecutive_non_finite(opt_state: Any) -> jax.Array:
+    """Non-finite steps in a row up to now (0 if the last step was finite or the state has none)."""
+    return _count(opt_state, "notfinite_count")
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, jit: bool = True,
@@ -155,13 +223,26 @@ ChunkFn = Callable[[dict, Any, int, int], tuple[dict, Any, dict]]
 
 class TrainResult(NamedTuple):
     """What :func:`train` returns: final params and optimiser state, the step reached,
-    the per-log metrics and validation records, and wall seconds spent training."""
+    the per-log metrics and validation records, and wall seconds spent training.
+
+    Also: ``status`` (``"completed"``, ``"diverged"`` or ``"interrupted"``), ``signum``
+    (a signal that asked the run to stop, else 0; it may have come during the last
+    chunk, after which the status is still ``"completed"``), ``checkpoint_step`` (the newest
+    checkpoint written or resumed from, else None), ``non_finite_run`` (non-finite steps
+    in a row at the end) and ``prior_seconds`` (training seconds of the sessions before
+    a resume, from the checkpoint).
+    """
 
     params: dict
     opt_state: Any
     step: int
     history: list
     wall_seconds: float
+    status: str = "completed"
+    signum: int = 0
+    checkpoint_step: int | None = None
+    non_finite_run: int = 0
+    prior_seconds: float = 0.0
 
 
 def _non_finite(metrics: dict, skipped_before: jax.Array) -> jax.Array:
@@ -215,6 +296,7 @@ def _compiled_chunk(step_fn: StepFn, batch_size: int, num_rows: int, dynamic: bo
         metrics = {k: jnp.where(count > 0, s / jnp.maximum(count, 1), jnp.nan) for k, s in sums.items()}
         metrics["skipped_steps"] = skipped_steps(opt_state)
         metrics["non_finite_steps"] = non_finite
+        metrics["consecutive_non_finite"] = consecutive_non_finite(opt_state)
         return params, opt_state, metrics
 
     return jax.jit(run)
@@ -266,13 +348,62 @@ def _to_python(tree) -> Any:
     return jax.tree.map(lambda a: np.asarray(a).item() if np.ndim(a) == 0 else np.asarray(a).tolist(), tree)
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drops records after ``last_step`` (written by a run that was then interrupted)."""
+def _truncate_jsonl(path: Path, last_step: int, warn: Callable[[str], None] | None = None) -> None:
+    """Drops records after ``last_step`` (written by a run that was then interrupted).
+
+    A torn last line (a write cut short by a kill) is dropped too, with one line to
+    ``warn``; an unreadable line elsewhere raises ``ValueError`` naming the file and line.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = path.read_text().splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+            (warn or _note)(f"{path}: dropped a torn last line (a write cut short): {line[:40]!r}")
+            continue
+        if rec.get("step", 0) <= last_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _note(message: str) -> None:
+    print(f"jaxelbo: {message}", file=sys.stderr, flush=True)
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM handlers that ask the loop to stop at the next chunk boundary.
+
+    A second SIGINT raises ``KeyboardInterrupt`` at once (the previous handlers come back
+    after the first signal).
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def next_boundary(step: int, num_steps: int, *every: int) -> int:
@@ -288,7 +419,7 @@ def _combine(chunks: list[tuple[int, dict]]) -> dict:
     total = sum(w for w, _ in finite)
     out = {}
     for k in last:
-        if k in ("skipped_steps", "non_finite_steps"):
+        if k in ("skipped_steps", "non_finite_steps", "consecutive_non_finite"):
             continue
         out[k] = sum(w * m[k] for w, m in finite if w) / total if total else float("nan")
     return {**out, "skipped_steps": last["skipped_steps"], "non_finite_steps": non_finite}
@@ -322,7 +453,8 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
 def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: int,
                out_dir: str | Path | None = None, resume: bool = False,
                eval_fn: Callable[[dict], dict] | None = None, eval_every: int = 0, log_every: int = 50,
-               checkpoint_every: int = 0, progress: bool = True, write_metrics: bool = True) -> TrainResult:
+               checkpoint_every: int = 0, progress: bool = True, write_metrics: bool = True,
+               max_nonfinite_steps: int | None = None, handle_signals: bool = False) -> TrainResult:
     """The host loop: chunks up to each log / validation / checkpoint step, records, resume.
 
     Each chunk runs to the next step that is a multiple of ``log_every``,
@@ -348,6 +480,12 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
       progress: show a tqdm bar (steps/s, loss, bound).
       write_metrics: write ``metrics.jsonl`` (in multi-host runs only process 0 does;
         every process takes part in the orbax checkpoints).
+      max_nonfinite_steps: stop with status ``"diverged"`` once this many steps in a row
+        were non-finite (checked at chunk boundaries; None: never). Params and
+        optimiser state stay those of the last finite step.
+      handle_signals: SIGINT and SIGTERM stop the run at the next chunk boundary: the
+        pending records are written, the reached step is checkpointed, and the result
+        has status ``"interrupted"`` and the signal (single-process runs only).
 
     Returns:
       A :class:`TrainResult`.
@@ -362,8 +500,13 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
     start = 0
     if resume and ckpt_dir is None:
         raise ValueError("resume=True needs out_dir")
+    prior_seconds, last_checkpoint = 0.0, None
     if resume and latest_step(ckpt_dir) is not None:
-        start, params, opt_state = restore_checkpoint(ckpt_dir, params, opt_state)
+        from jaxelbo.app import checkpoint
+
+        restored = checkpoint.restore(ckpt_dir, params, opt_state)
+        start, params, opt_state = restored.step, restored.params, restored.opt_state
+        prior_seconds, last_checkpoint = float(restored.meta.get("train_seconds", 0.0)), start
         if metrics_path is not None:
             _truncate_jsonl(metrics_path, start)
     elif out is not None:  # a fresh run (or a resume with nothing saved yet)
@@ -410,6 +553,15 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
     step = start
     state = (params, opt_state, start)  # (params, opt_state, steps done), replaced atomically
     saved = start
+    status, run_of_bad = "completed", 0
+    stop_flag = _StopFlag().install() if handle_signals else None
+
+    def checkpoint_now(at: int) -> None:
+        nonlocal saved, last_checkpoint
+        save_checkpoint(ckpt_dir, at, state[0], state[1],
+                        meta={"train_seconds": prior_seconds + time.perf_counter() - t0})
+        saved = last_checkpoint = at
+
     try:
         while step < num_steps:
             stop = next_boundary(step, num_steps, log_every, eval_every if eval_fn is not None else 0,
@@ -421,6 +573,14 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
             step = stop
             if stop % log_every == 0 or stop == num_steps:
                 ready, unlogged = (stop, unlogged), []
+            if max_nonfinite_steps and "consecutive_non_finite" in metrics:
+                run_of_bad = int(metrics["consecutive_non_finite"])  # waits for this chunk
+                if run_of_bad >= max_nonfinite_steps:
+                    if unlogged:  # a record up to here, at a step that is not a log step
+                        ready, unlogged = (stop, unlogged), []
+                    write_ready()
+                    status = "diverged"
+                    break
             at_eval = eval_fn is not None and ((eval_every and stop % eval_every == 0) or stop == num_steps)
             at_checkpoint = ckpt_dir is not None and ((checkpoint_every and stop % checkpoint_every == 0)
                                                       or stop == num_steps)
@@ -432,22 +592,33 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
                 if at_eval:
                     record({"step": stop, "split": "validation", **_to_python(eval_fn(params))})
                 if at_checkpoint:
-                    save_checkpoint(ckpt_dir, stop, params, opt_state)
-                    saved = stop
+                    checkpoint_now(stop)
                 clock["mark"] = time.perf_counter()
+            if stop_flag is not None and stop_flag.signum and step < num_steps:
+                if unlogged:  # records up to the step saved: a resume then has no gap
+                    ready, unlogged = (stop, unlogged), []
+                write_ready()
+                if ckpt_dir is not None and stop > saved:
+                    checkpoint_now(stop)
+                status = "interrupted"
+                break
         write_ready()
     except KeyboardInterrupt:
         # Ctrl-C: keep the last completed chunk so that --resume loses nothing.
         if ckpt_dir is not None and state[2] > saved and jax.process_count() == 1:
             write_ready()
-            save_checkpoint(ckpt_dir, state[2], state[0], state[1])
+            checkpoint_now(state[2])
         raise
     finally:
+        if stop_flag is not None:
+            stop_flag.restore()
         bar.close()
         if log_file is not None:
             log_file.close()
     jax.block_until_ready(params)
-    return TrainResult(params, opt_state, max(step, start), history, time.perf_counter() - t0)
+    return TrainResult(params, opt_state, max(step, start), history, time.perf_counter() - t0, status=status,
+                       signum=stop_flag.signum if stop_flag is not None else 0, checkpoint_step=last_checkpoint,
+                       non_finite_run=run_of_bad, prior_seconds=prior_seconds)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

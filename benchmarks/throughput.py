@@ -32,7 +32,13 @@ warm-up excluded; ``block_until_ready``):
 4. **SNR sweep**: ``je.gradient_replicates`` (one vmapped program over R replicates) vs
    a Python loop of R jitted single-replicate calls, on the linear-Gaussian toy.
 
-Writes ``throughput-<device>.json`` and ``.md`` into ``benchmarks/results``.
+5. **Training loop**: ``jaxelbo train``'s loop (``training.train``: data on the device,
+   one compiled ``fori_loop`` per chunk of steps) against a tight Python loop of the same
+   compiled step on device-resident batches, in steps per second, at K in {1, 8, 64}
+   (``benchmarks/training_loop.py``).
+
+Writes ``throughput-<device>.json`` and ``.md`` into ``benchmarks/results``
+(``--only-loop``: ``training-loop-<device>.json`` and ``.md``, section 5 alone).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ if str(_HERE) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import training_loop  # noqa: E402
 from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
@@ -68,10 +75,10 @@ from jaxelbo.app.environment import describe  # noqa: E402
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
 DEFAULTS = {"num_samples": [1, 8, 64, 512], "batch_size": 64, "repetitions": 20,
             "ll_num_samples": 5000, "ll_num_points": 1000, "ll_chunk_sizes": [50, 500],
-            "num_replicates": 1000}
+            "num_replicates": 1000, "loop_num_samples": [1, 8, 64], "loop_seconds": 1.0, "loop_repetitions": 7}
 FAST = {"num_samples": [1, 8], "batch_size": 16, "repetitions": 3,
         "ll_num_samples": 500, "ll_num_points": 100, "ll_chunk_sizes": [50, 250],
-        "num_replicates": 100}
+        "num_replicates": 100, "loop_num_samples": [1, 8], "loop_seconds": 0.2, "loop_repetitions": 3}
 REFERENCE = ("iwae", "reparam")
 TARGETS = {
     "estimator_overhead": 1.02,   # dreg (iwae, rws), stl, reparam vs plain IWAE at K >= 8
@@ -464,6 +471,14 @@ def device_tag() -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in f"{dev.platform}-{dev.device_kind}".lower())
 
 
+def describe_device(env: dict) -> str:
+    """The device in words, e.g. ``cpu (AMD EPYC ..., 2 cores)`` or ``gpu (NVIDIA H100 ...)``."""
+    dev = env["device"]
+    if dev["platform"] == "cpu":
+        return f"cpu ({dev.get('cpu')}, {dev.get('cpu_count')} cores)"
+    return f"{dev['platform']} ({dev.get('device_kind', '')})"
+
+
 def _fmt(v, spec=".2f"):
     return "" if v is None else format(v, spec)
 
@@ -479,6 +494,8 @@ def to_markdown(result: dict) -> str:
              f"{'`jaxelbo.models.vae`' if cfg['model'] == 'flax' else 'plain per-example JAX'}), batch "
              f"B = {cfg['batch_size']} of random binary data, {cfg['repetitions']} interleaved repetitions, "
              "median ms per `jit(grad(loss))` step; ratios are medians of per-round ratios.", ""]
+    if not result["gradient_steps"]:
+        lines = lines[:-2]  # no gradient-step section: its setting line does not apply
     rows = result["gradient_steps"]
     ks = sorted({r["num_samples"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -544,6 +561,7 @@ def to_markdown(result: dict) -> str:
                   f"R = {snr['num_replicates']}: `je.gradient_replicates` {snr['vmapped_ms']:.1f} ms, "
                   f"loop of jitted single replicates {snr['loop_ms']:.1f} ms: **{snr['speedup']:.0f}x** "
                   f"(replicates equal the loop's to {snr['replicates_match_loop_max_rel_err']:.1e}).", ""]
+    lines += training_loop.to_markdown(result.get("training_loop"), describe_device(env))
     if result.get("targets"):
         lines += ["## Targets", "", "| target | K | measured | met |", "|---|---:|---:|---|"]
         for t in result["targets"]:
@@ -568,7 +586,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     for key in ("batch_size", "repetitions", "ll_num_samples", "ll_num_points", "num_replicates"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("num_samples", "ll_chunk_sizes"):
+    for key in ("num_samples", "ll_chunk_sizes", "loop_num_samples"):
         if any(v < 1 for v in cfg[key]):
             raise ValueError(f"--{key.replace('_', '-')} values must be >= 1, got {cfg[key]}")
     cfg.update(seed=args.seed, fast=bool(args.fast), model=args.model, objective=args.objective,
@@ -607,16 +625,21 @@ def run(args: argparse.Namespace) -> int:
               "environment": environment(), "config": {k: v for k, v in cfg.items()},
               "load_average_start": load_start}
     result["config"]["data"] = "random binary (i.i.d. Bernoulli(1/2) pixels), 784 dims"
+    only_loop = bool(getattr(args, "only_loop", False))
     result["gradient_steps"], result["comparisons"] = (
-        ([], []) if args.no_steps else bench_gradient_steps(cfg, log, progress_factory))
-    result["log_likelihood"] = None if args.no_log_likelihood else bench_log_likelihood(cfg, log)
-    result["snr_sweep"] = None if args.no_snr else bench_snr_sweep(cfg, log)
-    result["targets"] = evaluate_targets(result["gradient_steps"], result["comparisons"], result["snr_sweep"])
+        ([], []) if args.no_steps or only_loop else bench_gradient_steps(cfg, log, progress_factory))
+    result["log_likelihood"] = (None if args.no_log_likelihood or only_loop
+                                else bench_log_likelihood(cfg, log))
+    result["snr_sweep"] = None if args.no_snr or only_loop else bench_snr_sweep(cfg, log)
+    result["training_loop"] = (None if getattr(args, "no_loop", False) and not only_loop
+                               else training_loop.bench_training_loop(cfg, log, interleaved_times))
+    result["targets"] = (evaluate_targets(result["gradient_steps"], result["comparisons"], result["snr_sweep"])
+                         + training_loop.targets(result["training_loop"]))
     result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_seconds"] = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"throughput-{device_tag()}"
+    stem = out_dir / f"{'training-loop' if only_loop else 'throughput'}-{device_tag()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = to_markdown(result)
     stem.with_suffix(".md").write_text(markdown + "\n")

@@ -39,7 +39,7 @@ def _read(tmp_path):
 def test_smoke_run_writes_json_and_markdown(tmp_path):
     args = _args(tmp_path, "--model", "plain", "--num-samples", "2", "--batch-size", "2",
                  "--repetitions", "2", "--objective", "iwae", "--estimator", "reparam",
-                 "--no-references", "--no-log-likelihood", "--no-snr")
+                 "--no-references", "--no-log-likelihood", "--no-snr", "--no-loop")
     assert throughput.run(args) == 0
     result, md = _read(tmp_path)
     assert {r["name"] for r in result["gradient_steps"]} == {"jaxelbo iwae/reparam", "GEMM floor"}
@@ -56,7 +56,7 @@ def test_smoke_run_all_sections(tmp_path):
     args = _args(tmp_path, "--num-samples", "2", "--batch-size", "2", "--repetitions", "2",
                  "--objective", "iwae", "--estimator", "reparam", "dreg",
                  "--ll-num-samples", "12", "--ll-num-points", "4", "--ll-chunk-sizes", "3", "6",
-                 "--num-replicates", "3")
+                 "--num-replicates", "3", "--no-loop")
     assert throughput.run(args) == 0
     result, md = _read(tmp_path)
     checks = [r["grad_check"] for r in result["gradient_steps"] if r.get("grad_check")]
@@ -65,6 +65,23 @@ def test_smoke_run_all_sections(tmp_path):
     assert result["snr_sweep"]["replicates_match_loop_max_rel_err"] < 1e-4
     assert {t["target"].split()[0] for t in result["targets"]} >= {"vmapped"}
     assert "Head to head" in md
+
+
+@pytest.mark.slow
+def test_training_loop_section_times_the_same_computation(tmp_path):
+    args = _args(tmp_path, "--fast", "--only-loop", "--loop-num-samples", "2", "--batch-size", "8")
+    assert throughput.run(args) == 0
+    (json_path,) = tmp_path.glob("training-loop-*.json")
+    result = json.loads(json_path.read_text())
+    (row,) = result["training_loop"]["rows"]
+    assert row["num_samples"] == 2 and row["steps"] >= 50
+    assert row["tight_steps_per_s"] > 0 and row["loop_steps_per_s"] > 0 and row["ratio"] > 0
+    assert row["params_max_rel_diff"] < 1e-5  # the loop trains on the tight loop's batches and keys
+    assert result["gradient_steps"] == [] and result["log_likelihood"] is None
+    (target,) = result["targets"]
+    assert target["met"] == (row["ratio"] >= 0.95)
+    md = json_path.with_suffix(".md").read_text()
+    assert "Training loop" in md and "cpu (" in md and "Burda VAE" not in md
 
 
 def test_bad_objective_is_rejected_with_choices(tmp_path, capsys):

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the gradient-step timings (sections log_likelihood and SNR only)")
     parser.add_argument("--no-log-likelihood", action="store_true", help="skip the log_likelihood timing")
     parser.add_argument("--no-snr", action="store_true", help="skip the vmapped-vs-loop SNR sweep")
+    parser.add_argument("--no-loop", action="store_true",
+                        help="skip the training-loop section (jaxelbo train's loop vs a tight loop)")
+    parser.add_argument("--only-loop", action="store_true",
+                        help="run the training-loop section alone; writes training-loop-<device>.{json,md}")
+    parser.add_argument("--loop-num-samples", type=int, nargs="+", default=None, metavar="K",
+                        help="K of the training-loop section (default 1 8 64; --fast: 1 8)")
     parser.add_argument("--ll-num-samples", type=int, default=None,
                         help="K of the log_likelihood benchmark (default 5000; --fast: 500)")
     parser.add_argument("--ll-num-points", type=int, default=None,

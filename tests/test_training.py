@@ -247,6 +247,8 @@ def test_cli_rejects_bad_combinations_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "valid choices for elbo: reparam, stl, score" in err
     assert main(["train", "--objective", "miwae", "--num-samples", "64", "--num-outer", "5"]) == 2
     assert "divisor" in capsys.readouterr().err
+    assert main(["train", "--eval-num-points", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--eval-num-points must be a positive integer" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "config.json not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -259,18 +261,25 @@ def test_cli_train_resume_and_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["train", "--steps", "6", "--batch-size", "16", "--num-samples", "4", "--hidden", "16",
               "--latent-dim", "3", "--eval-num-samples", "50", "--eval-chunk-size", "25", "--eval-every", "3",
-              "--checkpoint-every", "3", "--log-every", "3", "--no-progress", "--out", str(out)]
+              "--checkpoint-every", "3", "--log-every", "3", "--no-progress", "--eval-num-points", "30",
+              "--out", str(out)]
     assert main(common) == 0
     for name in ("metrics.jsonl", "summary.json", "config.json", "curves.png", "reconstructions.png",
                  "samples.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and "log_likelihood" in summary["test"]
+    assert summary["test"]["num_points"] == 30 and summary["test"]["log_likelihood_seconds"] > 0
     assert summary["device"]["platform"] == "cpu" and summary["versions"]["jax"] == jax.__version__
     assert main([*common, "--resume"]) == 0  # already done: restores step 6, trains nothing
-    assert main(["evaluate", str(out), "--eval-num-samples", "50", "--no-surgery"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--eval-num-samples", "50", "--no-surgery", "--eval-num-points", "20"]) == 0
+    assert "log p(x), K=50" in capsys.readouterr().err  # the progress bar
     again = json.loads((out / "evaluation.json").read_text())
     assert again["step"] == 6 and np.isfinite(again["test"]["log_likelihood"])
+    assert again["test"]["num_points"] == 20
+    assert main(["evaluate", str(out), "--eval-num-points", "0"]) == 2
+    assert "--eval-num-points must be a positive integer" in capsys.readouterr().err
     assert main([*common, "--resume", "--seed", "1"]) == 2
     assert "differ" in capsys.readouterr().err
 

@@ -8,7 +8,8 @@ Reports, as plain floats:
 * ``iwae_64``: the IWAE bound with K = 64; ``elbo``: the ELBO (estimated with the same
   64 samples, ``mean_k log w_k``);
 * ``active_units``: the number of latent dimensions with ``Var_x(E_q[z_i | x]) > 0.01``
-  (Burda et al. 2016, section 5.2);
+  (Burda et al. 2016, section 5.2), and ``active_units_per_layer`` (one count per
+  stochastic layer) when the VAE's ``posterior_means`` is given;
 * ELBO surgery (Hoffman & Johnson 2016) via :func:`jaxelbo.elbo_surgery`:
   ``reconstruction``, ``index_code_mi``, ``marginal_kl``, ``avg_kl``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -51,15 +53,42 @@ def active_units(encode: Callable, phi, x: jax.Array, threshold: float = ACTIVE_
     return int(np.sum(var > threshold)), var
 
 
+def active_units_per_layer(posterior_means: Callable, phi, rng: jax.Array, x: np.ndarray, *,
+                           threshold: float = ACTIVE_UNIT_THRESHOLD, batch_size: int = 500) -> list[int]:
+    r"""Active units of each stochastic layer: ``A_u = Cov_x(E_{q(z_l|x)}[u]) > threshold``.
+
+    .. math::
+
+       A_u = \operatorname{Var}_{x}\big(\mathbb E_{q(z_l \mid x)}[u]\big), \qquad u \in z_l,
+
+    with the inner expectation given per batch by ``posterior_means`` (exact for a first
+    layer, Monte Carlo over ``z_1`` for a second one; Burda et al. 2016, section 5.2).
+
+    Args:
+      posterior_means: ``(phi, rng, x) -> tuple of (N, d_l)`` (``VAE.posterior_means``).
+      phi: guide parameters.
+      rng: PRNG key (batch ``i`` uses ``fold_in(rng, i)``).
+      x: ``(N, D)`` data.
+
+    Returns:
+      One count per layer.
+    """
+    fn = jax.jit(posterior_means)
+    per_batch = [fn(phi, jax.random.fold_in(rng, i), jnp.asarray(xb)) for i, xb in enumerate(_batches(x, batch_size))]
+    means = [np.concatenate([np.asarray(b[layer]) for b in per_batch]) for layer in range(len(per_batch[0]))]
+    return [int(np.sum(np.var(m, axis=0) > threshold)) for m in means]
+
+
 def _batches(x: np.ndarray, batch_size: int):
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size]
 
 
 def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: np.ndarray, *,
-             encode: Callable | None = None, num_samples_ll: int = 5000, chunk_size: int = 500,
+             encode: Callable | None = None, posterior_means: Callable | None = None,
+             num_samples_ll: int = 5000, chunk_size: int = 500,
              num_samples_iwae: int = 64, batch_size: int = 100, surgery: bool = True,
-             surgery_chunk_size: int = 256) -> dict:
+             surgery_chunk_size: int = 256, progress: bool = False) -> dict:
     """All evaluation numbers of ``params`` on ``x`` (``(N, D)``), as a dict of floats.
 
     Args:
@@ -67,11 +96,21 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
       rng: PRNG key (each quantity and each batch gets its own fold).
       x: the evaluation set (already binarised, see :func:`jaxelbo.app.data.evaluation_split`).
       encode: ``(phi, x) -> (mean, std)`` for the active-unit count (skipped if None).
+      posterior_means: the VAE's ``(phi, rng, x) -> per-layer E_q[z_l | x]``; when given,
+        active units are counted per stochastic layer (``active_units_per_layer``) and
+        ``active_units`` is their sum (``encode`` is then not needed).
       num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000); 0 skips it.
       chunk_size: samples per chunk of the log-likelihood estimate.
       num_samples_iwae: K of the reported IWAE bound (and of the ELBO estimate).
       batch_size: examples per evaluation batch.
       surgery: compute the ELBO-surgery terms (O(N^2) guide evaluations).
+      progress: show a tqdm bar over the points of the log-likelihood estimate (the
+        slow part: about N x num_samples_ll decoder passes).
+
+    Returns:
+      ``num_points`` (N), the IWAE bound and ELBO, ``log_likelihood`` with its standard
+      error and ``log_likelihood_seconds`` (wall time of the estimate), active units and
+      the ELBO-surgery terms, as plain numbers.
     """
     x = np.asarray(x)
     n = len(x)
@@ -87,15 +126,27 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
     out["elbo"] = float(el.mean())
 
     if num_samples_ll:
+        from tqdm.auto import tqdm
+
         ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, chunk_size)
-        ll = np.concatenate([np.asarray(ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i),
-                                              jnp.asarray(xb)))
-                             for i, xb in enumerate(_batches(x, batch_size))])
+        t0 = time.perf_counter()
+        lls = []
+        with tqdm(total=n, desc=f"log p(x), K={num_samples_ll}", unit="point", disable=not progress,
+                  dynamic_ncols=True, mininterval=0.5) as bar:
+            for i, xb in enumerate(_batches(x, batch_size)):
+                lls.append(np.asarray(ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i),
+                                            jnp.asarray(xb))))
+                bar.update(len(xb))
+        ll = np.concatenate(lls)
+        out["log_likelihood_seconds"] = time.perf_counter() - t0
         out["log_likelihood"] = float(ll.mean())
         out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
         out["log_likelihood_num_samples"] = int(num_samples_ll)
 
-    if encode is not None:
+    if posterior_means is not None:
+        counts = active_units_per_layer(posterior_means, params["guide"], jax.random.fold_in(rng, 3), x)
+        out["active_units"], out["active_units_per_layer"] = sum(counts), counts
+    elif encode is not None:
         out["active_units"], _ = active_units(encode, params["guide"], x)
 
     if surgery:

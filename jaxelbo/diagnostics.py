@@ -122,33 +122,77 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
 # --------------------------------------------------------------------------------------
 
 
+def _fits(model: Model, guide: Guide, params: dict, rng: jax.Array, x_batch: PyTree) -> Exception | None:
+    """``None`` when ``x_batch`` passes :func:`check_inputs` as a batch, else the error."""
+    try:
+        check_inputs(model, guide, params, rng, x_batch)
+    except (TypeError, ValueError) as e:
+        return e
+    return None
+
+
 def importance_resample(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
-                        num_samples: int, num_draws: int) -> PyTree:
-    """Draws from the implicit IWAE posterior ``q_IW`` for ONE example ``x``.
+                        num_samples: int, num_draws: int, batched: bool | None = None) -> PyTree:
+    r"""Draws from the implicit IWAE posterior ``q_IW`` for a batch ``x`` (or one example).
 
     Each draw samples ``z_1..z_K ~ q(z|x)`` and returns ``z_j`` with probability
-    ``w_j`` (sampling-importance-resampling). Cremer, Morris & Duvenaud (2017,
-    arXiv:1704.02916) show that IWAE_K is the ELBO of this ``q_IW``, which approaches
-    ``p(z|x)`` as K grows.
+    ``w_j = softmax(log w~)_j`` (sampling-importance-resampling). Cremer, Morris &
+    Duvenaud (2017, arXiv:1704.02916) show that IWAE_K is the ELBO of this ``q_IW``,
+    which approaches ``p(z|x)`` as K grows.
+
+    Args:
+      model, guide, params: as for the objectives.
+      rng: a PRNG key.
+      x: a batch with a leading axis B, as for :func:`log_likelihood`; or one example.
+      num_samples: K, the proposals per draw.
+      num_draws: N, the draws per example.
+      batched: ``True``: ``x`` is a batch; ``False``: ``x`` is one example; ``None``
+        (default): decided from the shapes the model and guide accept, and an error
+        when ``x`` fits both readings.
 
     Returns:
-      ``num_draws`` latents, leaves shaped ``(num_draws, *z)``.
+      For a batch, leaves shaped ``(B, num_draws, *z)``; for one example,
+      ``(num_draws, *z)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> x = jnp.ones((5, 2))
+      >>> je.importance_resample(lg.model(), lg.guide(), params, jax.random.key(0), x,
+      ...                        num_samples=16, num_draws=100).shape
+      (5, 100, 2)
     """
     num_samples = check_count("num_samples", num_samples)
     num_draws = check_count("num_draws", num_draws)
-    x_batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+    if batched is None:
+        as_batch = _fits(model, guide, params, rng, x)
+        as_one = _fits(model, guide, params, rng, one)
+        if as_batch is None and as_one is None:
+            raise ValueError("importance_resample: x fits both a batch with a leading axis B and one example; "
+                             "pass batched=True (returns (B, num_draws, ...)) or batched=False "
+                             "(returns (num_draws, ...))")
+        if as_batch is not None and as_one is not None:
+            raise ValueError(f"importance_resample: x is neither a batch with a leading axis B nor one "
+                             f"example; as a batch: {as_batch}") from as_batch
+        batched = as_batch is None
+    x_batch = x if batched else one
     check_inputs(model, guide, params, rng, x_batch)
+    batch = batch_size_of(x_batch)
 
-    def one_draw(key):
+    def one_draw(key):  # one draw for every example: leaves (B, *z)
         k_sample, k_pick = jax.random.split(key)
-        keys = sample_keys(k_sample, 1, num_samples)
+        keys = sample_keys(k_sample, batch, num_samples)
         z = sample_latents(guide, params["guide"], keys, x_batch)
         lw = (log_joint_latents(model, params["model"], x_batch, z)
-              - log_prob_latents(guide, params["guide"], x_batch, z))[0]
-        j = jax.random.categorical(k_pick, lw)
-        return jax.tree_util.tree_map(lambda leaf: leaf[0, j], z)
+              - log_prob_latents(guide, params["guide"], x_batch, z))
+        j = jax.random.categorical(k_pick, lw, axis=-1)
+        return jax.tree_util.tree_map(lambda leaf: leaf[jnp.arange(batch), j], z)
 
-    return jax.vmap(one_draw)(jax.random.split(rng, num_draws))
+    draws = jax.vmap(one_draw)(jax.random.split(rng, num_draws))          # (N, B, *z)
+    draws = jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), draws)
+    return draws if batched else jax.tree_util.tree_map(lambda leaf: leaf[0], draws)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -358,3 +359,151 @@ def test_evaluate_refuses_a_mismatched_or_damaged_checkpoint_in_one_line(state, 
     assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10", "--no-surgery"]) == 2
     _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"))
     assert not (tmp_path / "evaluation.json").exists()
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _toy_loss(p, rng, x):
+    """A loss whose value and gradient are NaN when the batch holds a NaN."""
+    b = jnp.sum(p["model"]["w"] * x[:, :3], -1) + jnp.sum(p["guide"]["v"] ** 2)
+    return -jnp.mean(b), {"bound": b, "ess": jnp.ones_like(b)}
+
+
+_TOY = {"model": {"w": jnp.ones(3)}, "guide": {"v": jnp.ones(2)}}
+
+
+def test_non_finite_steps_never_reach_params_however_many_in_a_row():
+    """1500 NaN steps in a row (optax.apply_if_finite gives up after 1000 and applies the NaN)."""
+    opt = training.make_optimizer(0.1)
+    step = training.make_train_step(_toy_loss, opt, jit=False)
+    bad = jnp.full((2, 3), jnp.nan)
+
+    @jax.jit
+    def many(params, opt_state):
+        return jax.lax.fori_loop(0, 1500, lambda i, c: step(*c, jax.random.key(0), bad)[:2], (params, opt_state))
+
+    params, opt_state = many(_TOY, opt.init(_TOY))
+    assert _equal(params, _TOY) and not checkpoint.non_finite(opt_state)
+    assert int(training.skipped_steps(opt_state)) == 1500
+    assert int(training.consecutive_non_finite(opt_state)) == 1500
+    params, opt_state, _ = step(params, opt_state, jax.random.key(0), jnp.ones((2, 3)))  # a finite step applies
+    assert not np.allclose(params["model"]["w"], 1.0) and int(training.consecutive_non_finite(opt_state)) == 0
+
+
+def test_an_update_that_would_overflow_the_params_is_skipped():
+    opt = training.make_optimizer(3e38)  # finite gradient, finite update, params + update = inf
+    step = training.make_train_step(_toy_loss, opt)
+    params = {"model": {"w": jnp.full(3, 3e38)}, "guide": {"v": jnp.ones(2)}}
+    new, opt_state, _ = step(params, opt.init(params), jax.random.key(0), jnp.ones((2, 3)))  # w grows
+    assert _equal(new, params) and int(training.skipped_steps(opt_state)) == 1
+
+
+def test_diverging_run_stops_after_max_nonfinite_steps_keeping_finite_params(tmp_path):
+    x = np.full((8, 3), 0.5, np.float32)
+    x[2:] = np.nan
+    it = data.BatchIterator(x, 8, seed=1, binarization="none")  # one batch per epoch, all of x: every step NaN
+    x_good = np.full((8, 3), 0.5, np.float32)
+    opt = training.make_optimizer(0.1)
+    step = training.make_train_step(_toy_loss, opt)
+    good = training.train(step, _TOY, opt.init(_TOY), data.BatchIterator(x_good, 8, seed=1, binarization="none"),
+                          num_steps=4, seed=0, log_every=2, progress=False, out_dir=tmp_path / "good",
+                          checkpoint_every=2)
+    result = training.train(step, good.params, good.opt_state, it, num_steps=1000, seed=0, log_every=3,
+                            progress=False, max_nonfinite_steps=7)
+    assert result.status == "diverged" and result.step == 9 and result.non_finite_run == 9
+    assert _equal(result.params, good.params)  # no non-finite step reached them
+    assert [r["step"] for r in result.history] == [3, 6, 9]
+    assert all(r["non_finite_steps"] == 3 for r in result.history)
+
+
+def test_plots_skip_non_finite_points(tmp_path):
+    from jaxelbo.app import plotting
+
+    records = [{"step": s, "split": "train", "bound": b} for s, b in ((1, -90.0), (2, float("nan")),
+                                                                      (3, float("inf")), (4, -80.0))]
+    records.append({"step": 4, "split": "validation", "iwae_64": float("nan"), "elbo": -85.0})
+    plotting.plot_curves(records, tmp_path / "curves.png")
+    plotting.plot_curves([{"step": 1, "split": "train", "bound": float("nan")}], tmp_path / "nan.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "nan.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- signals and metrics
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """A compiled chunk of a tiny IWAE-DReG VAE on digits, shared by the loop tests."""
+    from jaxelbo import registry
+
+    net = vae.build(jax.random.key(0), 64, hidden=(8,), latent_dim=2)
+    opt = training.make_optimizer(3e-3)
+    step = training.make_train_step(registry.make("iwae", net.model, net.guide, estimator="dreg", num_samples=2),
+                                    opt)
+    chunk = training.make_train_chunk(step, data.BatchIterator(data.load().train, 16, seed=0), seed=0)
+    return net, opt, chunk
+
+
+def _steps(path: Path, split: str = "train") -> list[int]:
+    return [r["step"] for r in training.read_metrics(path) if r["split"] == split]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_at_a_chunk_boundary_saving_the_step_and_resume_is_exact(loop, tmp_path, signum):
+    net, opt, chunk = loop
+    kw = dict(num_steps=12, log_every=1, checkpoint_every=8, progress=False)
+    straight = training.train_loop(chunk, net.params, opt.init(net.params), out_dir=tmp_path / "a", **kw)
+    calls, handler = [], signal.getsignal(signum)
+
+    def signalled(params, opt_state, start, stop):
+        calls.append(start)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)  # arrives while the chunk [4, 5) runs
+        return chunk(params, opt_state, start, stop)
+
+    first = training.train_loop(signalled, net.params, opt.init(net.params), out_dir=tmp_path / "b",
+                                handle_signals=True, **kw)
+    assert first.status == "interrupted" and first.signum == signum and first.step == 5
+    assert first.checkpoint_step == 5 and checkpoint.steps(tmp_path / "b" / "checkpoints") == [5]
+    assert _steps(tmp_path / "b" / "metrics.jsonl") == [1, 2, 3, 4, 5]
+    assert signal.getsignal(signum) is handler  # the handlers before the loop are back
+    resumed = training.train_loop(chunk, net.params, opt.init(net.params), out_dir=tmp_path / "b", resume=True,
+                                  handle_signals=True, **kw)
+    assert resumed.status == "completed" and resumed.step == 12
+    assert _equal(resumed.params, straight.params) and _equal(resumed.opt_state, straight.opt_state)
+    a, b = (training.read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 13))
+    assert [r["bound"] for r in b] == [r["bound"] for r in a]
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume_with_a_note(loop, tmp_path, capsys):
+    net, opt, chunk = loop
+    kw = dict(log_every=2, checkpoint_every=4, progress=False, out_dir=tmp_path)
+    training.train_loop(chunk, net.params, opt.init(net.params), num_steps=4, **kw)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "split": "tra')  # a write cut short by a kill
+    capsys.readouterr()
+    training.train_loop(chunk, net.params, opt.init(net.params), num_steps=8, resume=True, **kw)
+    _one_line_error(capsys, str(tmp_path / "metrics.jsonl"), "torn last line")
+    assert _steps(tmp_path / "metrics.jsonl") == [2, 4, 6, 8]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+        f.write('{"step": 9}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 5 is not a JSON record"):
+        training.train_loop(chunk, net.params, opt.init(net.params), num_steps=10, resume=True, **kw)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_to_the_same_params(loop, tmp_path, capsys):
+    net, opt, chunk = loop
+    kw = dict(log_every=2, checkpoint_every=4, progress=False)
+    straight = training.train_loop(chunk, net.params, opt.init(net.params), num_steps=12,
+                                   out_dir=tmp_path / "a", **kw)
+    training.train_loop(chunk, net.params, opt.init(net.params), num_steps=8, out_dir=tmp_path / "b", **kw)
+    _scribble_biggest(tmp_path / "b" / "checkpoints" / "8")
+    capsys.readouterr()
+    resumed = training.train_loop(chunk, net.params, opt.init(net.params), num_steps=12, resume=True,
+                                  out_dir=tmp_path / "b", **kw)
+    _one_line_error(capsys, str(tmp_path / "b" / "checkpoints" / "8"), "using step 4")
+    assert _equal(resumed.params, straight.params)
+    assert _steps(tmp_path / "b" / "metrics.jsonl") == [2, 4, 6, 8, 10, 12]
+    assert checkpoint.steps(tmp_path / "b" / "checkpoints") == [8, 12]  # the damaged 8 rewritten, 4 pruned

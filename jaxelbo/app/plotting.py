@@ -17,11 +17,19 @@ def _plt():
     return plt
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and bool(np.isfinite(value))
+
+
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Training bound (per logged step) and validation bounds against the step."""
+    """Training bound (per logged step) and validation bounds against the step.
+
+    Non-finite values (a diverging run) are left out of the curves and of the axis range.
+    """
     plt = _plt()
-    train = [r for r in records if r.get("split") == "train"]
-    val = [r for r in records if r.get("split") == "validation"]
+    train = [r for r in records if r.get("split") == "train" and _finite(r.get("bound"))]
+    val = [{k: v for k, v in r.items() if k == "step" or _finite(v)}
+           for r in records if r.get("split") == "validation"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if train:
         ax.plot([r["step"] for r in train], [r["bound"] for r in train], lw=1, label="train bound (batch)")
@@ -38,7 +46,8 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
     ax.set_ylabel("nats per example")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing finite to draw: no legend (and no warning)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,87 @@
+"""What a new user meets first: batch-shaped importance resampling, --version and --help, py.typed,
+and the data-file messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxelbo as je
+from jaxelbo.models import linear_gaussian as lg
+
+MU = jnp.array([0.3, -0.5, 1.0])
+MODEL, GUIDE = lg.model(), lg.guide()
+
+
+def off_params():
+    p = lg.optimal_params(MU)
+    p["guide"]["b"] = p["guide"]["b"] + 0.8
+    p["guide"]["log_scale"] = jnp.zeros((), jnp.float32)
+    return p
+
+
+@pytest.mark.slow  # ~8 s: 800,000 proposals
+def test_importance_resample_takes_a_batch_and_each_row_targets_its_own_posterior():
+    params = off_params()
+    x = lg.sample_data(jax.random.key(7), MU, 4)
+    draws = jax.jit(lambda p: je.importance_resample(MODEL, GUIDE, p, jax.random.key(1), x, num_samples=100,
+                                                     num_draws=2000))(params)
+    chex.assert_shape(draws, (4, 2000, 3))
+    post_mean = jax.vmap(lambda xb: lg.posterior(params["model"], xb)[0])(x)
+    guide_mean = x @ params["guide"]["A"].T + params["guide"]["b"]
+    assert np.max(np.abs(draws.mean(1) - post_mean)) < 0.07, draws.mean(1) - post_mean
+    assert np.min(np.abs(guide_mean - post_mean)) > 0.3  # the guide alone would be far off
+    np.testing.assert_allclose(draws.var(1), 0.5, atol=0.08)  # the posterior variance (the guide's is 1)
+    # one example keeps its one-example form
+    one = je.importance_resample(MODEL, GUIDE, params, jax.random.key(1), x[0], num_samples=4, num_draws=5)
+    chex.assert_shape(one, (5, 3))
+
+
+def test_importance_resample_refuses_an_ambiguous_x_and_names_both_readings():
+    params = off_params()
+    square = jnp.ones((3, 3))  # a batch of three 3-vectors, or (for this guide) one 3x3 example
+    with pytest.raises(ValueError, match="fits both a batch .* and one example; pass batched=True"):
+        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2)
+    resample = jax.jit(je.importance_resample, static_argnums=(0, 1), static_argnames=("num_samples", "num_draws",
+                                                                                    "batched"))
+    chex.assert_shape(resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2,
+                               batched=True), (3, 2, 3))
+    with pytest.raises(ValueError, match="neither a batch with a leading axis B nor one example"):
+        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), jnp.ones((2, 5)), num_samples=4,
+                               num_draws=2)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxelbo", *args], capture_output=True, text=True, check=False)
+
+
+def test_version_and_plain_help():
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"jaxelbo {je.__version__}"
+    help_text = run_cli("--help").stdout
+    assert "``" not in help_text and "train" in help_text and "--version" in help_text
+
+
+def test_py_typed_ships_with_the_package():
+    assert (Path(je.__file__).parent / "py.typed").is_file()
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'jaxelbo = ["py.typed"]' in pyproject
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_missing_data_message_names_each_file_once(tmp_path, name):
+    from jaxelbo.app import data
+
+    with pytest.raises(FileNotFoundError) as info:
+        data.load(name, tmp_path)
+    message = str(info.value)
+    assert message.count(f"{name}.npz") == 1, message
+    assert f"{name}.npz / {name}.npz" not in message
+    assert message.count(str(tmp_path / name) + " ") <= 1

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from jaxelbo.app import data
-    from jaxelbo.app.commands.train import DEFAULTS, environment, train_and_evaluate
+    from jaxelbo.app.experiment import DEFAULTS, environment, train_and_evaluate
 
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     if not methods:

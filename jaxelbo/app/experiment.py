@@ -1,0 +1,269 @@
+"""One training experiment of ``jaxelbo train``: settings in, a trained and evaluated VAE out.
+
+* :data:`DEFAULTS`: every setting of a run (the ``jaxelbo train`` flags, as keys).
+* :func:`validate` checks them (one line naming the valid choices) before anything runs;
+  :func:`objective_kwargs` / :func:`objective_record` resolve the objective's budget split
+  and extra keywords through :mod:`jaxelbo.registry`.
+* :func:`build_experiment`: the data set, the VAE, the loss and the optimiser.
+* :func:`train_and_evaluate`: trains, evaluates on the test set and writes every output
+  (``config.json``, ``metrics.jsonl``, checkpoints, ``summary.json``, figures) into ``out``.
+
+``jaxelbo train`` (:mod:`jaxelbo.app.commands.train`) parses flags and calls these;
+``jaxelbo evaluate`` and ``benchmarks/train_table.py`` use them too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+DEFAULTS = {
+    "dataset": "digits", "data_dir": None, "objective": "iwae", "estimator": "dreg", "num_samples": 64,
+    "num_outer": None, "beta": None, "alpha": None, "steps": 3000, "batch_size": 64, "seed": 0,
+    "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
+    "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
+    "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
+    "max_nonfinite_steps": 100,
+}
+# Settings that must match when a run is resumed.
+_RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
+                "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
+                "binarization", "validation_size")
+
+
+def default_out(settings: dict) -> str:
+    s = settings
+    return f"runs/{s['dataset']}-{s['objective']}-{s['estimator']}-k{s['num_samples']}-s{s['seed']}"
+
+
+def environment() -> dict:
+    """Device, versions and date, as every jaxelbo output records them."""
+    from jaxelbo.app.environment import describe
+
+    return describe()
+
+
+def validate(settings: dict) -> None:
+    """Raises ValueError (one line, naming the valid choices) before any training."""
+    from jaxelbo import registry
+
+    registry.check_estimator(settings["objective"], settings["estimator"])
+    objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
+    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "eval_chunk_size",
+                "max_nonfinite_steps"):
+        if key in settings and int(settings[key]) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]}")
+    for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
+        if int(settings[key]) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
+    for key in ("learning_rate", "guide_learning_rate"):
+        rate = settings[key]
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {rate}")
+    for key in ("beta", "alpha"):
+        if settings.get(key) is not None and not math.isfinite(settings[key]):
+            raise ValueError(f"--{key} must be finite, got {settings[key]}")
+
+
+def check_data(settings: dict, ds) -> None:
+    """Raises ValueError (one line naming the flag) if the data cannot feed the run."""
+    if len(ds.train) < int(settings["batch_size"]):
+        raise ValueError(f"--batch-size {settings['batch_size']} is larger than the {len(ds.train)} "
+                         f"training images of {ds.name}")
+    if len(ds.test) == 0:
+        raise ValueError(f"{ds.name} has no test images")
+
+
+def objective_kwargs(settings: dict) -> dict:
+    """The objective's constructor keywords for ``settings``: ``num_samples``, or
+    ``num_outer`` x ``num_inner`` for miwae/piwae, and ``beta``/``alpha`` (given or default)."""
+    from jaxelbo import registry
+
+    return registry.objective_kwargs(settings["objective"], num_samples=settings["num_samples"],
+                                     num_outer=settings["num_outer"], beta=settings["beta"],
+                                     alpha=settings["alpha"])
+
+
+def objective_record(settings: dict) -> dict:
+    """``{"name", "estimator", **objective_kwargs}``: what config.json and summary.json record,
+    e.g. ``{"name": "miwae", "estimator": "dreg", "num_outer": 16, "num_inner": 32}``."""
+    return {"name": settings["objective"], "estimator": settings["estimator"], **objective_kwargs(settings)}
+
+
+def build_experiment(settings: dict, cache: dict | None = None):
+    """``(dataset, vae, loss_fn, optimizer)`` for ``settings`` (validated first).
+
+    With a ``cache`` dict, runs of the same architecture share the VAE's functions
+    (only the parameters differ), so compiled steps and evaluations are reused.
+    """
+    import jax
+
+    from jaxelbo import registry
+    from jaxelbo.app import data, training
+    from jaxelbo.models import vae
+
+    validate(settings)
+    ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
+    check_data(settings, ds)
+    net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
+                    latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train))
+    if cache is not None:
+        arch = ("vae", ds.name, json.dumps(net.config))
+        net = cache.setdefault(arch, net)._replace(params=net.params)
+    loss_fn = registry.make(settings["objective"], net.model, net.guide, estimator=settings["estimator"],
+                            num_samples=settings["num_samples"], num_outer=settings["num_outer"],
+                            beta=settings["beta"], alpha=settings["alpha"])
+    optimizer = training.make_optimizer(settings["learning_rate"],
+                                        guide_learning_rate=settings["guide_learning_rate"])
+    return ds, net, loss_fn, optimizer
+
+
+def _check_resume(cfg_path: Path, settings: dict) -> None:
+    """Raises ValueError (one line) if the saved run's settings differ from ``settings``."""
+    try:
+        saved = json.loads(cfg_path.read_text())["settings"]
+        if not isinstance(saved, dict):
+            raise TypeError("settings is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a jaxelbo run configuration ({type(e).__name__}: {e})") from None
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
+    if diff:
+        raise ValueError("--resume with settings that differ from the saved run: "
+                         + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})" for k in diff))
+
+
+def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool = False, progress: bool = True,
+                       plots: bool = True, cache: dict | None = None, overwrite: bool = False) -> dict:
+    """Trains, evaluates on the test set and writes every output; returns the summary.
+
+    ``cache`` (a dict kept by the caller) reuses the compiled step of the same
+    objective/estimator/architecture across calls, e.g. over the seeds of a benchmark.
+    Everything is checked (flags, data, ``out``) before ``out`` is touched; ``out`` is
+    then locked for the whole run (a second run on it is refused), and a fresh run into
+    a folder holding another run's files is refused unless ``overwrite``.
+    """
+    import jax
+
+    from jaxelbo.app import rundir
+
+    t_start = time.perf_counter()
+    main_process = jax.process_index() == 0
+    out = Path(out) if out is not None else None
+    if out is not None:
+        rundir.check_writable(out)
+    ds, net, loss_fn, optimizer = build_experiment(settings, cache)  # loads and checks the data
+    objective = objective_record(settings)
+    lock = rundir.RunLock(out) if out is not None and main_process else None
+    if lock is not None:
+        lock.acquire()
+        try:
+            cfg_path = out / "config.json"
+            if resume and cfg_path.exists():
+                _check_resume(cfg_path, settings)
+            rundir.prepare(out, resume=resume, overwrite=overwrite)
+        except ValueError:
+            lock.discard()
+            raise
+        (out / "config.json").write_text(json.dumps({"settings": settings, "objective": objective,
+                                                     "vae": net.config,
+                                                     "image_shape": list(ds.image_shape)}, indent=1))
+    try:
+        return _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, resume=resume, progress=progress,
+                                   plots=plots, cache=cache, t_start=t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, progress, plots, cache,
+                        t_start) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxelbo.app import data, evaluation, sharding, training
+
+    main_process = jax.process_index() == 0
+    params = net.params
+    key = ("step", ds.name, json.dumps(net.config), settings["objective"], settings["estimator"],
+           settings["num_samples"], settings["num_outer"], settings["beta"], settings["alpha"],
+           settings["learning_rate"], settings["guide_learning_rate"])
+    if cache is not None and key in cache:
+        step_fn = cache[key]  # same functions, this seed's params
+    else:
+        step_fn = training.make_train_step(loss_fn, optimizer)
+        if cache is not None:
+            cache[key] = step_fn
+    opt_state = optimizer.init(params)
+
+    mesh = None
+    if jax.device_count() > 1:
+        mesh = sharding.data_mesh()
+        params, opt_state = sharding.replicate(mesh, (params, opt_state))
+
+    batches = data.BatchIterator(ds.train, settings["batch_size"], settings["seed"], settings["binarization"])
+    x_val = data.evaluation_split(ds, "validation", settings["binarization"]) if len(ds.validation) else None
+    eval_fn = None
+    if x_val is not None and settings["eval_every"]:
+        val = evaluation.validation_fn(net.model, net.guide, x_val, seed=settings["seed"])
+        eval_fn = (lambda p: jax.tree.map(float, val(p)))
+    result = training.train(step_fn, params, opt_state, batches, num_steps=settings["steps"],
+                            seed=settings["seed"], out_dir=out, write_metrics=main_process, resume=resume,
+                            eval_fn=eval_fn, eval_every=settings["eval_every"],
+                            log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
+                            progress=progress and main_process, mesh=mesh)
+    train_seconds = result.wall_seconds
+    params = sharding.gather(result.params) if mesh is not None else result.params
+    params = jax.tree.map(jax.numpy.asarray, params)
+
+    t_eval = time.perf_counter()
+    x_test = data.evaluation_split(ds, "test", settings["binarization"])
+    test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
+                               x_test, encode=net.encode, num_samples_ll=settings["eval_num_samples"],
+                               chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"])
+    eval_seconds = time.perf_counter() - t_eval
+    train_records = [r for r in result.history if r["split"] == "train"]
+    val_records = [r for r in result.history if r["split"] == "validation"]
+    rates = [r["steps_per_second"] for r in (train_records[1:] or train_records)]
+    summary = {
+        "settings": settings,
+        "objective": objective_record(settings),
+        "test": test,
+        "validation": val_records[-1] if val_records else None,
+        "final_train": train_records[-1] if train_records else None,
+        "steps": result.step,
+        "skipped_steps": int(train_records[-1]["skipped_steps"]) if train_records else 0,
+        "num_params": int(sum(np.size(a) for a in jax.tree.leaves(params))),
+        "steps_per_second": float(np.median(rates)) if rates else None,
+        "train_data": {"name": ds.name, "train": len(ds.train), "validation": len(ds.validation),
+                       "test": len(ds.test), "data_dim": ds.data_dim},
+        "wall_seconds": {"train": train_seconds, "evaluate": eval_seconds,
+                         "total": time.perf_counter() - t_start},
+        **environment(),
+    }
+    if out is not None and main_process:
+        if plots:
+            from jaxelbo.app import plotting
+
+            t0 = time.perf_counter()
+            records = training.read_metrics(out / "metrics.jsonl")
+            plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
+                                    settings["latent_dim"], seed=settings["seed"],
+                                    title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
+                                          f"K={settings['num_samples']}")
+            summary["wall_seconds"]["plots"] = time.perf_counter() - t0
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    t = summary["test"]
+    parts = [f"test log p(x) ~ {t['log_likelihood']:.3f} +- {t['log_likelihood_stderr']:.3f}"
+             if "log_likelihood" in t else None,
+             f"IWAE-64 {t['iwae_64']:.3f}", f"ELBO {t['elbo']:.3f}",
+             f"active units {t['active_units']}" if "active_units" in t else None,
+             f"skipped steps {summary.get('skipped_steps', 0)}",
+             f"train {summary['wall_seconds']['train']:.1f} s"]
+    return ", ".join(p for p in parts if p)
+

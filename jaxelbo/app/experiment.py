@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -25,12 +26,12 @@ DEFAULTS = {
     "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
     "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
     "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
-    "max_nonfinite_steps": 100,
+    "max_nonfinite_steps": 100, "stochastic_layers": 1, "eval_num_points": None,
 }
 # Settings that must match when a run is resumed.
 _RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
                 "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
-                "binarization", "validation_size")
+                "binarization", "validation_size", "stochastic_layers")
 
 
 def default_out(settings: dict) -> str:
@@ -58,6 +59,8 @@ def validate(settings: dict) -> None:
     for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
         if int(settings[key]) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
+    if settings.get("eval_num_points") is not None and int(settings["eval_num_points"]) < 1:
+        raise ValueError(f"--eval-num-points must be a positive integer, got {settings['eval_num_points']}")
     for key in ("learning_rate", "guide_learning_rate"):
         rate = settings[key]
         if rate is not None and not (math.isfinite(rate) and rate > 0):
@@ -65,6 +68,13 @@ def validate(settings: dict) -> None:
     for key in ("beta", "alpha"):
         if settings.get(key) is not None and not math.isfinite(settings[key]):
             raise ValueError(f"--{key} must be finite, got {settings[key]}")
+    layers = settings.get("stochastic_layers", 1)
+    if layers not in (1, 2):
+        raise ValueError(f"--stochastic-layers must be 1 or 2, got {layers}")
+    if layers == 2 and (list(settings["hidden"]) != DEFAULTS["hidden"]
+                        or settings["latent_dim"] != DEFAULTS["latent_dim"]):
+        raise ValueError("--hidden and --latent-dim size the one-layer VAE; --stochastic-layers 2 uses "
+                         "Burda et al.'s two-layer sizes (100-100-(100), 50-50-(50))")
 
 
 def check_data(settings: dict, ds) -> None:
@@ -108,7 +118,8 @@ def build_experiment(settings: dict, cache: dict | None = None):
     ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
     check_data(settings, ds)
     net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
-                    latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train))
+                    latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train),
+                    stochastic_layers=settings.get("stochastic_layers", 1))
     if cache is not None:
         arch = ("vae", ds.name, json.dumps(net.config))
         net = cache.setdefault(arch, net)._replace(params=net.params)
@@ -128,7 +139,7 @@ def _check_resume(cfg_path: Path, settings: dict) -> None:
             raise TypeError("settings is not an object")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is not a jaxelbo run configuration ({type(e).__name__}: {e})") from None
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
+    diff = [k for k in _RESUME_KEYS if saved.get(k, DEFAULTS.get(k)) != settings.get(k)]
     if diff:
         raise ValueError("--resume with settings that differ from the saved run: "
                          + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})" for k in diff))
@@ -212,28 +223,42 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
                             seed=settings["seed"], out_dir=out, write_metrics=main_process, resume=resume,
                             eval_fn=eval_fn, eval_every=settings["eval_every"],
                             log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
-                            progress=progress and main_process, mesh=mesh)
-    train_seconds = result.wall_seconds
+                            progress=progress and main_process, mesh=mesh,
+                            max_nonfinite_steps=settings.get("max_nonfinite_steps"), handle_signals=out is not None)
+    train_seconds = result.prior_seconds + result.wall_seconds  # all sessions of a resumed run
+    status = "interrupted" if result.signum else result.status  # a signal in the last chunk: no evaluation
     params = sharding.gather(result.params) if mesh is not None else result.params
     params = jax.tree.map(jax.numpy.asarray, params)
 
     t_eval = time.perf_counter()
-    x_test = data.evaluation_split(ds, "test", settings["binarization"])
-    test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
-                               x_test, encode=net.encode, num_samples_ll=settings["eval_num_samples"],
-                               chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"])
+    x_test = data.evaluation_split(ds, "test", settings["binarization"])[:settings.get("eval_num_points")]
+    test = None
+    if status != "interrupted":
+        test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
+                                   x_test, posterior_means=net.posterior_means,
+                                   num_samples_ll=settings["eval_num_samples"],
+                                   chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"],
+                                   progress=progress and main_process)
     eval_seconds = time.perf_counter() - t_eval
-    train_records = [r for r in result.history if r["split"] == "train"]
-    val_records = [r for r in result.history if r["split"] == "validation"]
+    metrics_path = out / "metrics.jsonl" if out is not None else None
+    # the whole run's records (a resumed run's history holds only this session's)
+    records = training.read_metrics(metrics_path) if main_process and metrics_path and metrics_path.exists() \
+        else result.history
+    train_records = [r for r in records if r["split"] == "train"]
+    val_records = [r for r in records if r["split"] == "validation"]
     rates = [r["steps_per_second"] for r in (train_records[1:] or train_records)]
     summary = {
         "settings": settings,
         "objective": objective_record(settings),
+        "status": status,
         "test": test,
         "validation": val_records[-1] if val_records else None,
         "final_train": train_records[-1] if train_records else None,
         "steps": result.step,
-        "skipped_steps": int(train_records[-1]["skipped_steps"]) if train_records else 0,
+        "skipped_steps": int(training.skipped_steps(result.opt_state)),
+        "non_finite_in_a_row": result.non_finite_run,
+        "last_checkpoint": result.checkpoint_step,
+        "signal": signal.Signals(result.signum).name if result.signum else None,
         "num_params": int(sum(np.size(a) for a in jax.tree.leaves(params))),
         "steps_per_second": float(np.median(rates)) if rates else None,
         "train_data": {"name": ds.name, "train": len(ds.train), "validation": len(ds.validation),
@@ -243,13 +268,13 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
         **environment(),
     }
     if out is not None and main_process:
-        if plots:
+        if plots and status != "interrupted":
             from jaxelbo.app import plotting
 
             t0 = time.perf_counter()
             records = training.read_metrics(out / "metrics.jsonl")
             plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
-                                    settings["latent_dim"], seed=settings["seed"],
+                                    settings["latent_dim"], seed=settings["seed"], generate=net.generate,
                                     title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
                                           f"K={settings['num_samples']}")
             summary["wall_seconds"]["plots"] = time.perf_counter() - t0
@@ -258,10 +283,11 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
 
 
 def format_summary(summary: dict) -> str:
-    t = summary["test"]
+    t = summary["test"] or {}
     parts = [f"test log p(x) ~ {t['log_likelihood']:.3f} +- {t['log_likelihood_stderr']:.3f}"
              if "log_likelihood" in t else None,
-             f"IWAE-64 {t['iwae_64']:.3f}", f"ELBO {t['elbo']:.3f}",
+             f"IWAE-64 {t['iwae_64']:.3f}" if "iwae_64" in t else None,
+             f"ELBO {t['elbo']:.3f}" if "elbo" in t else None,
              f"active units {t['active_units']}" if "active_units" in t else None,
              f"skipped steps {summary.get('skipped_steps', 0)}",
              f"train {summary['wall_seconds']['train']:.1f} s"]

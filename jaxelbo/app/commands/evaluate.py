@@ -21,10 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-num-samples", type=int, default=5000,
                         help="K of the log-likelihood estimate (default 5000; 0 skips it)")
     parser.add_argument("--eval-chunk-size", type=int, default=500, help="samples per chunk")
+    parser.add_argument("--eval-num-points", type=int, default=None,
+                        help="evaluate on the first N images of the split (default: all)")
     parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
     parser.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's)")
     parser.add_argument("--data-dir", default=None, help="override the run's --data-dir")
     parser.add_argument("--out", default=None, help="JSON file to write (default DIR/evaluation.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _read_config(cfg_path: Path):
@@ -59,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxelbo evaluate: error: --eval-chunk-size must be a positive integer, got {args.eval_chunk_size}",
               file=sys.stderr)
         return 2
+    if args.eval_num_points is not None and args.eval_num_points < 1:
+        print(f"jaxelbo evaluate: error: --eval-num-points must be a positive integer, got {args.eval_num_points}",
+              file=sys.stderr)
+        return 2
     if args.eval_num_samples < 0 or (args.seed is not None and args.seed < 0):
         flag, value = ("--eval-num-samples", args.eval_num_samples) if args.eval_num_samples < 0 else \
             ("--seed", args.seed)
@@ -86,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     seed = settings["seed"] if args.seed is None else args.seed
     t0 = time.perf_counter()
-    x = data.evaluation_split(ds, args.split, settings["binarization"])
+    x = data.evaluation_split(ds, args.split, settings["binarization"])[:args.eval_num_points]
     result = evaluation.evaluate(net.model, net.guide, params, jax.random.key(seed + 10_000), x,
-                                 encode=net.encode, num_samples_ll=args.eval_num_samples,
-                                 chunk_size=args.eval_chunk_size, surgery=args.surgery)
+                                 posterior_means=net.posterior_means, num_samples_ll=args.eval_num_samples,
+                                 chunk_size=args.eval_chunk_size, surgery=args.surgery,
+                                 progress=not args.no_progress)
     record = {"run_dir": str(run_dir), "step": step, "split": args.split, args.split: result,
               "wall_seconds": time.perf_counter() - t0, **environment()}
     out = Path(args.out) if args.out else run_dir / "evaluation.json"

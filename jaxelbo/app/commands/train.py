@@ -10,6 +10,7 @@ from its last checkpoint and reaches the same parameters as an uninterrupted run
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from jaxelbo.app.experiment import (
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=_hidden, default=d["hidden"],
                         help="encoder hidden widths, decoder mirrored (default 200,200)")
     parser.add_argument("--latent-dim", type=int, default=d["latent_dim"], help="latent size (default 50)")
+    parser.add_argument("--stochastic-layers", type=int, choices=(1, 2), default=d["stochastic_layers"],
+                        help="1 (default; --hidden, --latent-dim) or 2: Burda et al.'s q(z1|x) q(z2|z1) with "
+                        "MLPs 784-100-100-(100) and 100-50-50-(50), model mirrored")
     parser.add_argument("--binarization", choices=("dynamic", "static", "none"), default=d["binarization"],
                         help="dynamic: fresh Bernoulli draw each epoch (default)")
     parser.add_argument("--validation-size", type=int, default=None, help="rows held out from training")
@@ -81,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="K of the test log-likelihood estimate (default 5000; 0 skips it)")
     parser.add_argument("--eval-chunk-size", type=int, default=d["eval_chunk_size"],
                         help="samples per chunk of the log-likelihood estimate")
+    parser.add_argument("--eval-num-points", type=int, default=None,
+                        help="evaluate on the first N test images (default: all)")
     parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
     parser.add_argument("--max-nonfinite-steps", type=int, default=d["max_nonfinite_steps"],
                         help="stop (status diverged) after this many non-finite steps in a row (default 100)")
@@ -95,21 +101,67 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, v) for k, v in DEFAULTS.items()}
 
 
+# Exit statuses besides 0 (done) and 2 (bad input): a diverged run, and 128 + signal
+# for a run stopped by SIGINT (130) or SIGTERM (143), as shells report them.
+EXIT_DIVERGED = 1
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which handles it itself), raised like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise _Interrupted(signum)
+
+
+def _stopped_line(out, summary: dict) -> tuple[str, int]:
+    """The one line (and exit status) of a run that did not complete."""
+    checkpoint = summary.get("last_checkpoint")
+    kept = f"last checkpoint: step {checkpoint}" if checkpoint is not None else "no checkpoint yet"
+    if summary["status"] == "diverged":
+        run_of_bad, step = summary["non_finite_in_a_row"], summary["steps"]
+        return (f"jaxelbo train: {out}: diverged: {run_of_bad} non-finite steps in a row up to step {step} "
+                f"(none reached the params, which are those of step {step - run_of_bad}); stopped; "
+                f"last finite checkpoint: {kept.removeprefix('last checkpoint: ')}", EXIT_DIVERGED)
+    signum = signal.Signals[summary["signal"]]
+    return (f"jaxelbo train: {out}: interrupted by {signum.name} at step {summary['steps']}; {kept}; "
+            "continue with --resume", 128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    out = args.out or default_out(settings)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # until the training loop takes over
     try:
         from jaxelbo.app import sharding
 
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         validate(settings)
-        out = args.out or default_out(settings)
         summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress,
                                      overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxelbo train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before or after the training loop
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"jaxelbo train: {out}: interrupted by {signal.Signals(signum).name} outside training; "
+              "checkpoints already written are kept (continue with --resume)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     import jax
 
-    if jax.process_index() == 0:
-        print(f"{out}: {format_summary(summary)}")
+    if jax.process_index() != 0:
+        return 0
+    if summary["status"] != "completed":
+        line, code = _stopped_line(out, summary)
+        if summary["test"] is not None:
+            print(f"{out}: {format_summary(summary)}")
+        print(line, file=sys.stderr)
+        return code
+    print(f"{out}: {format_summary(summary)}")
     return 0

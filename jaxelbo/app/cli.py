@@ -49,21 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as e:  # a command not written yet
-            if e.name != module:
-                raise
-            p.set_defaults(_missing=module)
+        importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "_missing", None):
-        print(f"jaxelbo {args.command}: not available in this build", file=sys.stderr)
-        return 2
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -149,7 +149,7 @@ _FASHION = data.SYSTEM_DATA_DIRS["fashion-mnist"]
                     reason=f"Fashion-MNIST is not installed in {_FASHION} (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_trains_from_the_installed_files():
     """300 steps on the real files, no --data-dir; then a 100-point test subset beats the pixel-marginal model."""
-    from jaxelbo.app.commands.train import DEFAULTS, train_and_evaluate
+    from jaxelbo.app.experiment import DEFAULTS, train_and_evaluate
 
     ds = data.load("fashion-mnist")
     assert (ds.train.shape, ds.validation.shape, ds.test.shape) == ((55000, 784), (5000, 784), (10000, 784))

@@ -94,8 +94,12 @@ def plot_samples(means: np.ndarray, shape: tuple[int, int], path: str | Path, co
 
 def plot_run(out_dir: str | Path, records: list[dict], encode: Callable, decode: Callable, params: dict,
              x: np.ndarray, image_shape: tuple[int, int], latent_dim: int, seed: int = 0,
-             title: str = "") -> None:
-    """Writes ``curves.png``, ``reconstructions.png`` and ``samples.png`` into ``out_dir``."""
+             title: str = "", generate: Callable | None = None) -> None:
+    """Writes ``curves.png``, ``reconstructions.png`` and ``samples.png`` into ``out_dir``.
+
+    ``generate(theta, rng, n)`` (the VAE's ancestral sampler) draws the samples; without it
+    they are ``decode(theta, z)`` at ``z ~ N(0, I_latent_dim)``.
+    """
     import jax
 
     out = Path(out_dir)
@@ -105,5 +109,8 @@ def plot_run(out_dir: str | Path, records: list[dict], encode: Callable, decode:
     mean, std = encode(params["guide"], xs)
     z = mean + std * jax.random.normal(k1, mean.shape, mean.dtype)
     plot_reconstructions(xs, np.asarray(decode(params["model"], z)), image_shape, out / "reconstructions.png")
-    z_prior = jax.random.normal(k2, (64, latent_dim), mean.dtype)
-    plot_samples(np.asarray(decode(params["model"], z_prior)), image_shape, out / "samples.png")
+    if generate is not None:
+        samples = generate(params["model"], k2, 64)
+    else:
+        samples = decode(params["model"], jax.random.normal(k2, (64, latent_dim), mean.dtype))
+    plot_samples(np.asarray(samples), image_shape, out / "samples.png")

@@ -7,15 +7,18 @@ whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimat
 from jaxelbo import models
 from jaxelbo.diagnostics import (
     ElboSurgery,
+    PairedBiasTest,
     elbo_surgery,
     gradient_replicates,
     gradient_snr,
     importance_resample,
     log_likelihood,
+    paired_bias_test,
 )
 from jaxelbo.estimators import ESTIMATORS
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
-from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, miwae, piwae, renyi, rws
+from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, miwae, piwae, renyi, rws
+from jaxelbo.psis import psis_khat
 from jaxelbo.types import Guide, Model, log_joint
 
 __version__ = "0.1.0"
@@ -26,6 +29,7 @@ __all__ = [
     "ElboSurgery",
     "Guide",
     "Model",
+    "PairedBiasTest",
     "ciwae",
     "effective_sample_size",
     "elbo",
@@ -34,13 +38,16 @@ __all__ = [
     "gradient_snr",
     "importance_resample",
     "iwae",
+    "jvi",
     "log_joint",
     "log_likelihood",
     "log_weights",
     "miwae",
     "models",
     "normalized_weights",
+    "paired_bias_test",
     "piwae",
+    "psis_khat",
     "renyi",
     "rws",
 ]

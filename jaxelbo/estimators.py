@@ -52,6 +52,7 @@ from jaxelbo.log_weights import (
     log_joint_latents,
     log_mean_exp,
     log_prob_latents,
+    sample_and_log_weights,
     sample_keys,
     sample_latents,
 )
@@ -88,7 +89,8 @@ def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
     is_top = jnp.arange(k).reshape((1,) * (log_weights.ndim - 1) + (k,)) == top
     m1 = jnp.max(log_weights, axis=-1, keepdims=True)
     s1 = jnp.sum(jnp.exp(log_weights - m1), axis=-1, keepdims=True)
-    rest = jnp.log(s1 - jnp.exp(log_weights - m1)) + m1
+    # the arg-max's slot of `rest` is unused; keep it finite so that gradients stay finite
+    rest = jnp.log(jnp.where(is_top, 1.0, s1 - jnp.exp(log_weights - m1))) + m1
     others = jnp.where(is_top, -jnp.inf, log_weights)
     lse_without_top = jax.nn.logsumexp(others, axis=-1, keepdims=True)
     return jnp.where(is_top, lse_without_top, rest)
@@ -194,6 +196,21 @@ def _routed_log_weights(model: Model, guide: Guide, ratio_fn: RatioFn, sample_sh
     return routed
 
 
+def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree, estimator: str) -> None:
+    """Trace-time error when ``guide.sample`` returns a non-float ``z`` for a pathwise estimator.
+
+    ``reparam``, ``stl`` and ``dreg`` differentiate through ``z = t(eps, phi)``; an integer
+    (or boolean) ``z`` has no such derivative. Costs no FLOPs (``jax.eval_shape``).
+    """
+    z = jax.eval_shape(lambda p: sample_latents(guide, p, keys, x), phi)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(z)[0]:
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            where = f" at {jax.tree_util.keystr(path)}" if path else ""
+            raise TypeError(f"estimator {estimator!r} differentiates through z, but guide.sample returns a "
+                            f"discrete z{where} (dtype {leaf.dtype}); for discrete latents use a "
+                            f"score-function estimator: {' or '.join(map(repr, SCORE_FUNCTION))}")
+
+
 def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                        sample_shape: tuple[int, ...], bound_fn: BoundFn, estimator: str,
                        dreg_ratio: RatioFn | None = None,
@@ -211,6 +228,7 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
     theta, phi = params["model"], params["guide"]
     batch = batch_size_of(x)
     keys = sample_keys(rng, batch, math.prod(sample_shape))
+    check_continuous_latents(guide, phi, keys, x, estimator)
     if estimator == "dreg":
         if dreg_ratio is None:
             raise ValueError("this objective has no DReG weights")
@@ -218,9 +236,9 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
     else:
         ratio, direct = phi_ratio, estimator == "reparam"
     if ratio is None:
-        z = sample_latents(guide, phi, keys, x)
-        log_q = log_prob_latents(guide, phi if direct else sg(phi), x, z)
-        log_w = log_joint_latents(model, theta, x, z) - log_q
+        _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x,
+                                                 log_q_params=phi if direct else sg(phi))
+        log_w = log_p - log_q
     else:
         log_w = _routed_log_weights(model, guide, ratio, sample_shape, direct)(theta, phi, keys, x)
     log_w = log_w.reshape((batch, *sample_shape))
@@ -236,12 +254,9 @@ def score_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x:
     ``log p``; ``phi`` gets the signals ``s_k`` on ``dlog q(z_k)/dphi`` plus, when
     ``direct``, the direct term ``-c_k dlog q(z_k)/dphi`` of ``F``.
     """
-    theta, phi = params["model"], params["guide"]
     batch = batch_size_of(x)
     keys = sample_keys(rng, batch, math.prod(sample_shape))
-    z = sg(sample_latents(guide, phi, keys, x))
-    log_p = log_joint_latents(model, theta, x, z)
-    log_q = log_prob_latents(guide, phi, x, z)
+    _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x, stop_z=True)
     shape = (batch, *sample_shape)
     log_w = (log_p - (log_q if direct else sg(log_q))).reshape(shape)
     signal = sg(signal_fn(log_w))

@@ -209,19 +209,139 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
                       bound_fn=bound_fn, dreg_ratio=dreg_ratio)
 
 
-def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg") -> LossFn:
-    """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751).
+def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg",
+        alpha: float = 1.0) -> LossFn:
+    """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751) and DReG(alpha).
 
     ``theta`` ascends IWAE_K (``sum_k w_k grad log p(x, z_k)``); ``phi`` follows the
     wake-phi update, which minimises ``KL(p(z|x) || q_phi(z|x))``: ascent direction
     ``sum_k w_k grad log q(z_k)`` with ``z`` held constant (``score``), or its
     doubly-reparameterised form ``sum_k (w_k - w_k^2) g_k`` (``dreg``; Tucker et al.
     2019). The loss value is ``-IWAE_K``.
+
+    With ``alpha < 1``, ``dreg`` is Tucker et al.'s DReG(alpha): ``phi`` ascends
+
+    .. math:: \\sum_k \\big(\\alpha w_k + (1 - 2\\alpha) w_k^2\\big) g_k
+       = \\alpha \\,\\text{(RWS-DReG)} + (1 - \\alpha) \\,\\text{(IWAE-DReG)},
+
+    so ``alpha = 0`` is IWAE-DReG (``phi`` ascends IWAE_K too) and ``alpha = 1`` (the
+    default) the wake-phi update; Tucker et al. use ``alpha = 0.9``. ``score`` supports
+    only ``alpha = 1``.
+
+    Args:
+      num_samples: K.
+      estimator: ``dreg`` (default) or ``score``.
+      alpha: the wake-phi share of ``phi``'s update, in ``[0, 1]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.rws(lg.model(), lg.guide(), num_samples=8, alpha=0.9)
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> grads = jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 2)))[0])(params)
+
+    References:
+      Tucker, Lawson, Gu & Maddison (2019). Doubly reparameterized gradient estimators for
+      Monte Carlo objectives. ICLR. arXiv:1810.04152.
     """
     k = check_count("num_samples", num_samples)
+    alpha = check_real("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"rws: alpha must lie in [0, 1], got {alpha}")
+    if estimator == "score" and alpha != 1.0:
+        raise ValueError(f"rws: estimator 'score' supports only alpha = 1 (the wake-phi update), got {alpha}; "
+                         "use estimator 'dreg' for DReG(alpha)")
     return _objective("rws", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=log_mean_exp, dreg_ratio=lambda lw: 1.0 - _softmax(lw),
+                      bound_fn=log_mean_exp, dreg_ratio=lambda lw: alpha + (1.0 - 2.0 * alpha) * _softmax(lw),
                       signal_fn={"score": _softmax}, direct_score=False)
+
+
+def jvi_bound(log_weights: jax.Array) -> jax.Array:
+    """The jackknife bound ``K IWAE_K - (K - 1) mean_i IWAE_{K-1}^(-i)`` along the last axis.
+
+    Computed as ``IWAE_K + (K - 1) mean_i (LSE - LSE_{-i} - log(K / (K - 1)))`` (no
+    cancellation between two large multiples); ``LSE_{-i}`` from
+    :func:`jaxelbo.estimators.leave_one_out_logsumexp`. Needs K >= 2.
+    """
+    k = log_weights.shape[-1]
+    lse = jax.nn.logsumexp(log_weights, axis=-1, keepdims=True)
+    gaps = lse - est.leave_one_out_logsumexp(log_weights) - math.log(k / (k - 1))
+    return lse[..., 0] - math.log(k) + (k - 1) * jnp.mean(gaps, axis=-1)
+
+
+def jvi_weights(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(c, d)``: JVI's own weights ``c_k = dJ/dlog w~_k`` and its DReG weights ``d_k``.
+
+    With ``w = softmax(log w~)`` and ``w^(-i)_k = w~_k / sum_{j != i} w~_j`` (the weights
+    of the bound that leaves sample i out),
+
+    .. math:: c_k = K w_k - \\frac{K-1}{K} \\sum_{i \\ne k} w^{(-i)}_k, \\qquad
+              d_k = K w_k^2 - \\frac{K-1}{K} \\sum_{i \\ne k} \\big(w^{(-i)}_k\\big)^2 .
+
+    ``d`` follows from the IWAE-DReG identity applied to each term (each IWAE_{K-1}^(-i)
+    is an IWAE bound of the K - 1 samples it keeps, whose DReG weights are its own
+    squared normalised weights); equivalently ``d_k = c_k - dc_k / dlog w~_k``.
+    ``sum_k c_k = 1``, but single ``c_k`` may be zero or negative. Sums over ``i != k``
+    are leave-one-out log-sum-exps, so the cost is O(K).
+    """
+    k = log_weights.shape[-1]
+    lw = log_weights - jnp.max(log_weights, axis=-1, keepdims=True)
+    loo = est.leave_one_out_logsumexp(lw)                                  # LSE_{-i}
+    w = _softmax(lw)
+    c = k * w - (k - 1) / k * jnp.exp(lw + est.leave_one_out_logsumexp(-loo))
+    d = k * w * w - (k - 1) / k * jnp.exp(2.0 * lw + est.leave_one_out_logsumexp(-2.0 * loo))
+    return c, d
+
+
+def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam") -> LossFn:
+    """Jackknife variational inference (Nowozin 2018), first order.
+
+    .. math:: \\mathcal{J}_K = K \\mathcal{L}_K - \\frac{K-1}{K} \\sum_{i=1}^K
+       \\mathcal{L}_{K-1}^{(-i)},
+
+    where ``L_{K-1}^(-i)`` is the IWAE bound of the K - 1 samples other than i. The
+    jackknife removes the O(1/K) term of IWAE's bias, leaving O(1/K^2). **JVI is not a
+    lower bound** on ``log p(x)``: it can overshoot it, and its weights ``c_k`` (what
+    ``theta`` receives, see :func:`jvi_weights`) can be negative.
+
+    Estimators: ``reparam`` (total derivative) and ``dreg`` (JVI-DReG: ``phi`` gets
+    ``sum_k d_k g_k`` with the weights ``d`` of :func:`jvi_weights`; Tucker et al. 2019).
+    ``dreg`` saves ``r_k = d_k / c_k`` in the forward pass, with ``c`` from the same
+    autodiff of the bound as the backward pass, so ``phi``'s cotangent ``r_k c_k`` is
+    ``d_k`` for positive and negative ``c_k`` alike; a sample whose ``c_k`` underflows
+    (``|c_k| < 1e8 * tiny``, then ``|d_k|`` is negligible too unless ``c_k`` cancels to 0
+    exactly) contributes nothing to ``phi``.
+
+    Args:
+      num_samples: K >= 2.
+      estimator: ``reparam`` or ``dreg``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.jvi(lg.model(), lg.guide(), num_samples=8, estimator="dreg")
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> loss, aux = loss_fn(params, jax.random.key(0), jnp.ones((3, 2)))
+      >>> aux["bound"].shape
+      (3,)
+
+    References:
+      Nowozin (2018). Debiasing evidence approximations: on importance-weighted
+      autoencoders and jackknife variational inference. ICLR. openreview HyZoi-WRb.
+      Tucker, Lawson, Gu & Maddison (2019). arXiv:1810.04152.
+    """
+    k = check_count("num_samples", num_samples)
+    if k < 2:
+        raise ValueError(f"jvi leaves one sample out, so it needs num_samples >= 2, got {k}")
+
+    def dreg_ratio(lw):
+        c = jax.grad(lambda v: jnp.sum(jvi_bound(v)))(lw)
+        _, d = jvi_weights(lw)
+        safe = jnp.abs(c) > 1e8 * jnp.finfo(c.dtype).tiny
+        return jnp.where(safe, d / jnp.where(safe, c, 1.0), 0.0)
+
+    return _objective("jvi", model, guide, estimator=estimator, sample_shape=(k,),
+                      bound_fn=jvi_bound, dreg_ratio=dreg_ratio)
 
 
 # --------------------------------------------------------------------------------------
@@ -234,7 +354,8 @@ registry.register("miwae", miwae, estimators=("reparam", "stl", "dreg"), nested=
 registry.register("ciwae", ciwae, estimators=("reparam", "stl", "dreg"), keywords={"beta": 0.5})
 registry.register("piwae", piwae, estimators=("reparam", "dreg"), nested=True)
 registry.register("renyi", renyi, estimators=("reparam", "stl", "dreg"), keywords={"alpha": 0.5})
-registry.register("rws", rws, estimators=("score", "dreg"))
+registry.register("rws", rws, estimators=("score", "dreg"), keywords={"alpha": 1.0})
+registry.register("jvi", jvi, estimators=("reparam", "dreg"))
 
 #: Every objective and the estimators it supports (the design's table), read from the registry.
 OBJECTIVES = registry.OBJECTIVES

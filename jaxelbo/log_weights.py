@@ -15,14 +15,18 @@ once per example) and over the batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxelbo._validation import batch_size_of  # noqa: F401  (re-exported: lw_lib.batch_size_of)
-from jaxelbo.types import Guide, Model, PyTree
+from jaxelbo._validation import batch_size_of
+from jaxelbo.types import Guide, Model, PyTree, log_joint
+
+__all__ = ["batch_size_of", "effective_sample_size", "log_joint_latents", "log_mean_exp", "log_prob_latents",
+           "log_weights", "normalized_weights", "sample_and_log_weights", "sample_keys", "sample_latents"]
 
 
 def sample_keys(rng: jax.Array, batch_size: int, num_samples: int) -> jax.Array:
@@ -53,10 +57,36 @@ def log_prob_latents(guide: Guide, phi: PyTree, x: PyTree, z: PyTree) -> jax.Arr
 
 def log_joint_latents(model: Model, theta: PyTree, x: PyTree, z: PyTree) -> jax.Array:
     """``log p_theta(x[b], z[b, k])``, shape ``(B, K)``."""
-    def one(theta, x, z):
-        return model.log_prior(theta, z) + model.log_likelihood(theta, x, z)
+    return _per_example(functools.partial(log_joint, model), None, "example", "sample")(theta, x, z)
 
-    return _per_example(one, None, "example", "sample")(theta, x, z)
+
+def sample_and_log_weights(model: Model, guide: Guide, params: dict, keys: jax.Array, x: PyTree, *,
+                           log_q_params: PyTree | None = None,
+                           stop_z: bool = False) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Draw ``z[b, n] ~ q(. | x[b])`` with one key per draw and weigh the draws.
+
+    The one sample-then-weigh step behind :func:`log_weights`, the estimators' surrogates
+    and :func:`jaxelbo.importance_resample`.
+
+    Args:
+      model, guide, params: as for the objectives (``params = {"model", "guide"}``).
+      keys: ``(B, N)`` keys (:func:`sample_keys`).
+      x: a batch with a leading axis B.
+      log_q_params: where ``log q`` is evaluated (default ``params["guide"]``); the
+        path-derivative estimators pass ``stop_gradient(phi)``.
+      stop_z: no gradient through ``z`` (score-function estimators; ``z`` may be discrete).
+
+    Returns:
+      ``(z, log_p, log_q)``: latents with leaves ``(B, N, ...)``, ``log p_theta(x, z)`` and
+      ``log q(z | x)`` of shape ``(B, N)``; the log-weights are ``log_p - log_q``.
+    """
+    phi = params["guide"]
+    z = sample_latents(guide, phi, keys, x)
+    if stop_z:
+        z = jax.lax.stop_gradient(z)
+    log_p = log_joint_latents(model, params["model"], x, z)
+    log_q = log_prob_latents(guide, phi if log_q_params is None else log_q_params, x, z)
+    return z, log_p, log_q
 
 
 def log_weights(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
@@ -74,9 +104,8 @@ def log_weights(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyT
       (2, 5)
     """
     keys = sample_keys(rng, batch_size_of(x), num_samples)
-    z = sample_latents(guide, params["guide"], keys, x)
-    return (log_joint_latents(model, params["model"], x, z)
-            - log_prob_latents(guide, params["guide"], x, z))
+    _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x)
+    return log_p - log_q
 
 
 def normalized_weights(log_weights: jax.Array, axis: int = -1) -> jax.Array:

@@ -507,3 +507,118 @@ def test_resume_falls_back_past_a_damaged_checkpoint_to_the_same_params(loop, tm
     assert _equal(resumed.params, straight.params)
     assert _steps(tmp_path / "b" / "metrics.jsonl") == [2, 4, 6, 8, 10, 12]
     assert checkpoint.steps(tmp_path / "b" / "checkpoints") == [8, 12]  # the damaged 8 rewritten, 4 pruned
+
+
+# --------------------------------------------------------------------------- the command under kills and signals
+
+RUN = ["--steps", "40", "--log-every", "5", "--checkpoint-every", "10", "--eval-every", "0", "--hidden", "8",
+       "--latent-dim", "2", "--num-samples", "2", "--batch-size", "16", "--eval-num-samples", "0", "--no-surgery",
+       "--no-progress"]
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jaxelbo", "train", *RUN, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def _records(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field."""
+    return [{k: v for k, v in r.items() if k != "steps_per_second"}
+            for r in training.read_metrics(out / "metrics.jsonl")]
+
+
+def _final_arrays(out: Path, step: int = 40) -> dict:
+    """The checksums of every array of the checkpoint of ``step`` (equal: bitwise the same state)."""
+    return json.loads((out / "checkpoints" / str(step) / checkpoint.MANIFEST).read_text())["arrays"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the command, which the interrupted ones must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    code, _, err = _finish(_start(out))
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_and_at_random_steps_loses_nothing(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)  # killed while a checkpoint is being written
+    _wait_for(lambda: any(p.name.startswith("tmp-") for p in (out / "checkpoints").glob("*")), proc)
+    proc.kill()
+    _finish(proc)
+    for records in (2, 5):  # killed after a given number of metrics records, so mid-run
+        proc = _start(out, "--resume")
+        _wait_for(lambda n=records: (out / "metrics.jsonl").exists()
+                  and len((out / "metrics.jsonl").read_text().splitlines()) >= n, proc)
+        proc.kill()
+        _finish(proc)
+    code, _, err = _finish(_start(out, "--resume"))
+    assert code == 0, err
+    assert _final_arrays(out) == _final_arrays(reference)
+    assert _records(out) == _records(reference)  # no gap, no duplicate, the same numbers
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_refuses_a_second_run_and_resumes_exactly(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = _finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert err.count("\n") == 1 and "interrupted by SIGTERM at step" in err and "Traceback" not in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    step = summary["steps"]
+    assert summary["status"] == "interrupted" and summary["last_checkpoint"] == step < 40
+    assert checkpoint.latest_step(out / "checkpoints") == step  # the reached step, not the last multiple of 10
+    assert _records(out) == _records(reference)[:len(_records(out))] and _records(out)[-1]["step"] == step
+    proc = _start(out, "--resume")
+    _wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text() == str(proc.pid), proc)
+    config = (out / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *RUN, "--out", str(out), "--overwrite"]) == 2  # a second run while it holds the lock
+    _one_line_error(capsys, "in use by another jaxelbo run", f"(pid {proc.pid})")
+    assert (out / "config.json").read_bytes() == config
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    assert _final_arrays(out) == _final_arrays(reference) and _records(out) == _records(reference)
+    done = json.loads((out / "summary.json").read_text())
+    # a resume of the finished run: trains nothing and reports the run's real numbers
+    code, printed, err = _finish(_start(out, "--resume"))
+    assert code == 0, err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["status"] == "completed" and again["steps"] == 40 and again["skipped_steps"] == 0
+    for key in ("final_train", "steps_per_second", "test"):
+        assert again[key] == done[key] and again[key] is not None, key
+    assert again["wall_seconds"]["train"] == pytest.approx(done["wall_seconds"]["train"], rel=0.2)
+    assert again["wall_seconds"]["train"] > 0.5 and "train 0.0 s" not in printed
+
+
+@pytest.mark.slow
+def test_diverging_command_ends_cleanly_with_a_summary(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _finish(_start(out, "--learning-rate", "1e6", "--max-nonfinite-steps", "8"))
+    assert code == 1, err
+    assert err.count("\n") == 1 and "diverged" in err and "last finite checkpoint" in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["non_finite_in_a_row"] >= 8
+    assert summary["skipped_steps"] >= 8 and summary["steps"] < 40
+    assert (out / "curves.png").is_file()
+    for step in checkpoint.steps(out / "checkpoints"):
+        restored = json.loads((out / "checkpoints" / str(step) / checkpoint.MANIFEST).read_text())
+        assert restored["step"] == step  # only verified (hence finite) checkpoints exist

@@ -1,5 +1,6 @@
 """Tests of the Burda et al. (2016) VAE in jaxelbo.models.vae."""
 
+import json
 import math
 
 import chex
@@ -223,6 +224,15 @@ def test_two_layer_posterior_means_and_generate(net2):
     assert jnp.all((images > 0) & (images < 1))
 
 
+def test_elbo_surgery_on_two_layers(net2):
+    """The tuple latent flows through the aggregate-posterior computation of ELBO surgery."""
+    x = (jax.random.uniform(jax.random.key(11), (6, D)) < 0.5).astype(jnp.float32)
+    s = je.elbo_surgery(net2.model, net2.guide, net2.params, jax.random.key(12), x, num_samples=2, chunk_size=4)
+    chex.assert_tree_all_finite(tuple(s))
+    assert -1e-4 <= float(s.index_code_mi) <= math.log(6) + 1e-4
+    np.testing.assert_allclose(s.avg_kl, s.index_code_mi + s.marginal_kl, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_every_objective_and_estimator_runs_on_two_layers(net2):
     """Each (objective, estimator) pair: value == -mean bound, finite gradients shaped like params."""
@@ -245,3 +255,31 @@ def test_every_objective_and_estimator_runs_on_two_layers(net2):
         if pair[0] != "piwae":  # piwae's value is the MIWAE bound phi trains on
             np.testing.assert_allclose(loss, -aux["bound"].mean(), rtol=1e-5, err_msg=str(pair))
         assert float(jnp.abs(grads["guide"]["z2"]["net"]["out"]["bias"]).sum()) > 0, pair
+
+
+@pytest.mark.slow
+def test_two_layers_train_and_evaluate_from_the_command_line(tmp_path, capsys):
+    """``--stochastic-layers 2`` is recorded in config.json, evaluated per layer and honoured by evaluate."""
+    from jaxelbo.app.cli import main
+
+    out = tmp_path / "run"
+    common = ["train", "--stochastic-layers", "2", "--steps", "10", "--batch-size", "16", "--num-samples", "4",
+              "--eval-num-samples", "50", "--eval-chunk-size", "25", "--eval-every", "0", "--eval-num-points", "100",
+              "--no-surgery", "--checkpoint-every", "5", "--log-every", "5", "--no-progress", "--out", str(out)]
+    assert main(common) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["stochastic_layers"] == 2 and config["vae"]["stochastic_layers"] == 2
+    test = json.loads((out / "summary.json").read_text())["test"]
+    assert len(test["active_units_per_layer"]) == 2 and sum(test["active_units_per_layer"]) == test["active_units"]
+    assert 0 <= test["active_units_per_layer"][0] <= 100 and 0 <= test["active_units_per_layer"][1] <= 50
+    assert test["num_points"] == 100 and all(np.isfinite(test[k]) for k in ("log_likelihood", "iwae_64", "elbo"))
+    assert main(["evaluate", str(out), "--eval-num-samples", "50", "--eval-chunk-size", "25",
+                 "--eval-num-points", "100", "--no-surgery", "--no-progress"]) == 0
+    again = json.loads((out / "evaluation.json").read_text())["test"]
+    assert again["active_units_per_layer"] == test["active_units_per_layer"]
+    for key in ("log_likelihood", "iwae_64", "elbo"):  # the same restored params and keys
+        np.testing.assert_allclose(again[key], test[key], rtol=1e-5, err_msg=key)
+    assert main([*common, "--resume", "--stochastic-layers", "1"]) == 2
+    assert "stochastic_layers" in capsys.readouterr().err
+    assert main(["train", "--stochastic-layers", "2", "--hidden", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "--stochastic-layers 2" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 
+from jaxelbo.diagnostics import paired_t_statistics
+
 
 def flat(tree) -> np.ndarray:
     """Concatenate the leaves of a replicate pytree into ``(R, P)``."""
@@ -20,16 +22,11 @@ def z_scores(replicates, target) -> np.ndarray:
 
 
 def paired_z_scores(a, b) -> np.ndarray:
-    """z-scores of ``mean(a - b) = 0`` for replicates computed on the same noise.
+    """z-scores of ``mean(a - b) = 0`` for replicates computed on the same noise, flattened.
 
-    Elements where ``a`` and ``b`` agree to float precision in every replicate (theta's
-    gradient, shared by every estimator) count as equal: their difference is rounding,
-    not a statistic.
+    The statistics are :func:`jaxelbo.diagnostics.paired_t_statistics` (the engine of
+    ``je.paired_bias_test``), for replicates the tests already hold: elements where ``a``
+    and ``b`` agree to float precision in every replicate (theta's gradient, shared by
+    every estimator) count as equal, ``z = 0``.
     """
-    fa, fb = flat(a), flat(b)
-    diff = fa - fb
-    scale = np.abs(fa).mean(axis=0) + np.abs(fb).mean(axis=0) + 1e-12
-    se = diff.std(axis=0, ddof=1) / np.sqrt(diff.shape[0])
-    z = diff.mean(axis=0) / np.where(se > 0, se, 1.0)
-    rounding = np.abs(diff).max(axis=0) <= 1e-4 * scale
-    return np.where(rounding, 0.0, z)
+    return flat(jax.tree_util.tree_map(lambda t: t[None], paired_t_statistics(a, b).t))[0]

@@ -67,3 +67,17 @@ def test_khat_input_errors():
         je.psis_khat(jnp.zeros((2, 64), jnp.int32))
     flat = je.psis_khat(jnp.zeros((1, 64)))        # equal weights: no tail to fit
     assert np.isnan(np.asarray(flat)).all()
+
+
+def test_every_objective_reports_khat_in_aux():
+    from jaxelbo.models import linear_gaussian as lg
+
+    params = lg.optimal_params(jnp.zeros(3))
+    params["guide"]["b"] = params["guide"]["b"] + 1.5      # a poor guide: heavy-tailed weights
+    x = jnp.ones((2, 3))
+    loss_fn = jax.jit(je.miwae(lg.model(), lg.guide(), num_outer=4, num_inner=16, estimator="dreg"))
+    aux = loss_fn(params, jax.random.key(0), x)[1]
+    np.testing.assert_allclose(aux["khat"], je.psis_khat(aux["log_weights"].reshape(2, -1)), rtol=1e-6)
+    assert np.all(np.asarray(aux["khat"]) > 0.7)
+    small = je.iwae(lg.model(), lg.guide(), num_samples=8)(params, jax.random.key(0), x)[1]
+    assert small["khat"].shape == (2,) and np.isnan(np.asarray(small["khat"])).all()

@@ -540,6 +540,17 @@ def _records(out: Path) -> list[dict]:
             for r in training.read_metrics(out / "metrics.jsonl")]
 
 
+def _last_step(out: Path) -> int:
+    """The last step in metrics.jsonl, read while a run may be writing it."""
+    steps = [0]
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps[-1]
+
+
 def _final_arrays(out: Path, step: int = 40) -> dict:
     """The checksums of every array of the checkpoint of ``step`` (equal: bitwise the same state)."""
     return json.loads((out / "checkpoints" / str(step) / checkpoint.MANIFEST).read_text())["arrays"]
@@ -555,18 +566,21 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_during_checkpoint_writes_and_at_random_steps_loses_nothing(reference, tmp_path):
+def test_sigkill_and_sigint_at_random_moments_lose_nothing(reference, tmp_path):
     out = tmp_path / "run"
     proc = _start(out)  # killed while a checkpoint is being written
     _wait_for(lambda: any(p.name.startswith("tmp-") for p in (out / "checkpoints").glob("*")), proc)
     proc.kill()
     _finish(proc)
-    for records in (2, 5):  # killed after a given number of metrics records, so mid-run
+    for signum in (signal.SIGINT, signal.SIGKILL):  # mid-run: once the resumed run has logged a new step
         proc = _start(out, "--resume")
-        _wait_for(lambda n=records: (out / "metrics.jsonl").exists()
-                  and len((out / "metrics.jsonl").read_text().splitlines()) >= n, proc)
-        proc.kill()
-        _finish(proc)
+        _wait_for(lambda p=proc: (out / ".lock").exists() and (out / ".lock").read_text() == str(p.pid), proc)
+        resumed_from = checkpoint.latest_step(out / "checkpoints") or 0
+        _wait_for(lambda c=resumed_from: _last_step(out) > c, proc)
+        proc.send_signal(signum)
+        code, _, err = _finish(proc)
+        if signum == signal.SIGINT:  # Ctrl-C: the reached step saved, one line, no traceback
+            assert code == 130 and err.count("\n") == 1 and "interrupted by SIGINT" in err, (code, err)
     code, _, err = _finish(_start(out, "--resume"))
     assert code == 0, err
     assert _final_arrays(out) == _final_arrays(reference)
@@ -622,3 +636,14 @@ def test_diverging_command_ends_cleanly_with_a_summary(tmp_path):
     for step in checkpoint.steps(out / "checkpoints"):
         restored = json.loads((out / "checkpoints" / str(step) / checkpoint.MANIFEST).read_text())
         assert restored["step"] == step  # only verified (hence finite) checkpoints exist
+
+
+def test_evaluate_of_an_empty_split_is_one_line(state, tmp_path, capsys):
+    params, opt_state = state
+    settings = {"dataset": "digits", "data_dir": None, "validation_size": 0, "learning_rate": 1e-3,
+                "guide_learning_rate": None, "seed": 0, "binarization": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"settings": settings, "vae": {"data_dim": 64, "hidden": [8], "latent_dim": 2}}))
+    checkpoint.save(tmp_path / "checkpoints", 3, params, opt_state)
+    assert main(["evaluate", str(tmp_path), "--split", "validation", "--eval-num-samples", "10"]) == 2
+    _one_line_error(capsys, "validation split", "is empty")

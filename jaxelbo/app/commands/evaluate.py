@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         step, params, _, _ = checkpoint.restore(run_dir / "checkpoints", net.params, optimizer.init(net.params),
                                                 step=args.step if args.step is not None else
                                                 checkpoint.latest_step(run_dir / "checkpoints"))
+        if not len(getattr(ds, args.split)):
+            raise ValueError(f"the {args.split} split of {run_dir} is empty (validation_size "
+                             f"{settings['validation_size']}); nothing to evaluate")
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="directory with the mnist/fashion-mnist/omniglot files")
     parser.add_argument("--objective", default=d["objective"],
-                        help="elbo, iwae, miwae, ciwae, piwae, renyi or rws (default iwae)")
+                        help="elbo, iwae, miwae, ciwae, piwae, renyi, rws or jvi (default iwae)")
     parser.add_argument("--estimator", default=d["estimator"],
                         help="reparam, stl, dreg, score or vimco; must suit the objective (default dreg)")
     parser.add_argument("--num-samples", type=int, default=d["num_samples"],
@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="M of miwae/piwae; num_inner = num_samples / M (default: the largest divisor "
                         "of K that is at most sqrt(K), e.g. 512 = 16 x 32)")
     parser.add_argument("--beta", type=float, default=d["beta"], help="ciwae mixing weight (default 0.5)")
-    parser.add_argument("--alpha", type=float, default=d["alpha"], help="renyi order alpha (default 0.5)")
+    parser.add_argument("--alpha", type=float, default=d["alpha"],
+                        help="renyi: the order alpha (default 0.5); rws: DReG(alpha), the wake-phi share "
+                        "of the guide's update in [0, 1] (default 1.0; 0 is IWAE-DReG)")
     parser.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps (default 3000)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"],
                         help="examples per step (default 64)")
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         validate(settings)
         summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress,
                                      overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, and the disk (full, unwritable) during the run
         print(f"jaxelbo train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before or after the training loop

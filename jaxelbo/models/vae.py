@@ -70,10 +70,31 @@ class MLP(nnx.Module):
                                                   param_dtype=param_dtype))
         self.out = nnx.Linear(widths[-1], out_dim, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """The last hidden layer's activations."""
         for i in range(self.num_hidden):
             x = jnp.tanh(getattr(self, f"hidden{i}")(x))
-        return self.out(x)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(self.features(x))
+
+
+def dense_with_transposed_kernel(layer: nnx.Linear, h: jax.Array) -> jax.Array:
+    """``layer(h)``, with the kernel read as ``(out, in)`` on CPU.
+
+    XLA CPU runs the decoder's wide output product ``(K, hidden) x (hidden, D)`` and its
+    gradients faster when the ``D x hidden`` operand is contiguous along ``hidden``
+    (measured 0.94x the step's CPU time at K = 64 and 0.89x at K = 512 on the Burda VAE).
+    The transpose (``hidden x D`` numbers, once per step) is kept by an optimisation
+    barrier, which stops XLA from folding it back into the product. The parameters
+    are the layer's own (same shapes: checkpoints are unchanged) and the values equal
+    ``layer(h)`` up to float rounding; other backends call ``layer(h)``.
+    """
+    if jax.default_backend() != "cpu":
+        return layer(h)
+    kernel_t = jax.lax.optimization_barrier(jnp.swapaxes(layer.kernel[...], 0, 1))
+    return jnp.einsum("...h,dh->...d", h, kernel_t) + layer.bias[...]
 
 
 class Encoder(nnx.Module):
@@ -97,7 +118,7 @@ class Decoder(nnx.Module):
         self.net = MLP(latent_dim, hidden, data_dim, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        return self.net(z)
+        return dense_with_transposed_kernel(self.net.out, self.net.features(z))
 
 
 class TwoLayerEncoder(nnx.Module):

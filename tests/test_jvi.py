@@ -242,3 +242,38 @@ def test_registry_knows_jvi_and_rws_alpha():
     for objective, estimator in itertools.product(["jvi"], ["stl", "score", "vimco"]):
         with pytest.raises(ValueError, match="does not support"):
             registry.check_estimator(objective, estimator)
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def test_cli_alpha_defaults_per_objective():
+    from jaxelbo.app.experiment import DEFAULTS, objective_kwargs
+
+    def kwargs(objective, alpha=None, estimator="dreg"):
+        return objective_kwargs({**DEFAULTS, "objective": objective, "estimator": estimator, "alpha": alpha,
+                                 "num_samples": 8})
+
+    assert kwargs("rws") == {"num_samples": 8, "alpha": 1.0}
+    assert kwargs("renyi") == {"num_samples": 8, "alpha": 0.5}
+    assert kwargs("rws", alpha=0.9) == {"num_samples": 8, "alpha": 0.9}
+    assert kwargs("jvi") == {"num_samples": 8}
+
+
+@pytest.mark.slow
+def test_cli_trains_jvi_and_rws_alpha_and_reports_khat(tmp_path, capsys):
+    import json
+
+    from jaxelbo.app.cli import main
+
+    common = ["train", "--steps", "2", "--batch-size", "16", "--num-samples", "4", "--hidden", "16",
+              "--latent-dim", "3", "--eval-num-samples", "0", "--no-surgery", "--eval-every", "0",
+              "--checkpoint-every", "0", "--log-every", "1", "--no-progress", "--eval-num-points", "30"]
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):  # optax is not strict
+        assert main([*common, "--objective", "jvi", "--out", str(tmp_path / "jvi")]) == 0
+        summary = json.loads((tmp_path / "jvi" / "summary.json").read_text())
+        assert summary["settings"]["objective"] == "jvi"
+        assert 0.0 <= summary["test"]["khat_above_0.7"] <= 1.0
+        assert "k-hat > 0.7 on" in capsys.readouterr().out
+        assert main([*common, "--objective", "rws", "--alpha", "1.5", "--out", str(tmp_path / "rws")]) == 2
+    assert "alpha must lie in [0, 1]" in capsys.readouterr().err

@@ -7,6 +7,9 @@ Reports, as plain floats:
   standard error over the N points;
 * ``iwae_64``: the IWAE bound with K = 64; ``elbo``: the ELBO (estimated with the same
   64 samples, ``mean_k log w_k``);
+* ``khat_above_0.7``: the fraction of points whose PSIS k-hat (:func:`jaxelbo.psis_khat`,
+  Vehtari et al. 2024, arXiv:1507.02646) of those 64 weights exceeds 0.7, i.e. where
+  importance sampling from the guide is unreliable;
 * ``active_units``: the number of latent dimensions with ``Var_x(E_q[z_i | x]) > 0.01``
   (Burda et al. 2016, section 5.2), and ``active_units_per_layer`` (one count per
   stochastic layer) when the VAE's ``posterior_means`` is given;
@@ -32,6 +35,7 @@ import numpy as np
 
 import jaxelbo as je
 from jaxelbo.log_weights import log_mean_exp
+from jaxelbo.psis import KHAT_THRESHOLD, psis_tail_size
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -116,14 +120,17 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
     n = len(x)
     out: dict = {"num_points": n}
     bounds = _bounds_fn(model, guide, num_samples_iwae)
-    iw, el = [], []
+    iw, el, kh = [], [], []
     for i, xb in enumerate(_batches(x, batch_size)):
-        a, b = bounds(params, jax.random.fold_in(jax.random.fold_in(rng, 1), i), jnp.asarray(xb))
+        a, b, c = bounds(params, jax.random.fold_in(jax.random.fold_in(rng, 1), i), jnp.asarray(xb))
         iw.append(np.asarray(a))
         el.append(np.asarray(b))
-    iw, el = np.concatenate(iw), np.concatenate(el)
+        kh.append(np.asarray(c))
+    iw, el, kh = np.concatenate(iw), np.concatenate(el), np.concatenate(kh)
     out[f"iwae_{num_samples_iwae}"] = float(iw.mean())
     out["elbo"] = float(el.mean())
+    if not np.isnan(kh).all():
+        out[f"khat_above_{KHAT_THRESHOLD}"] = float(np.mean(kh > KHAT_THRESHOLD))
 
     if num_samples_ll:
         from tqdm.auto import tqdm
@@ -160,9 +167,11 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
 # Compiled evaluation functions, cached per (model, guide, sizes) so that evaluating many
 # runs of the same architecture (benchmarks) compiles each once.
 def _bounds(model: je.Model, guide: je.Guide, num_samples: int, params: dict, rng: jax.Array, xb: jax.Array):
-    """``(IWAE_K, ELBO_K)`` per example of the batch ``xb``, from the same K samples."""
+    """``(IWAE_K, ELBO_K, k-hat)`` per example of the batch ``xb``, from the same K samples
+    (k-hat is ``nan`` below 25 samples)."""
     lw = je.log_weights(model, guide, params, rng, xb, num_samples=num_samples)
-    return log_mean_exp(lw), jnp.mean(lw, axis=-1)
+    khat = je.psis_khat(lw) if psis_tail_size(num_samples) >= 5 else jnp.full(lw.shape[:1], jnp.nan)
+    return log_mean_exp(lw), jnp.mean(lw, axis=-1), khat
 
 
 @functools.lru_cache(maxsize=32)
@@ -205,7 +214,7 @@ def validation_fn(model: je.Model, guide: je.Guide, x: np.ndarray, *, seed: int 
             i, xb = args
             return _bounds(model, guide, num_samples, params, jax.random.fold_in(rng, i), xb)
 
-        iw, el = jax.lax.map(one, (jnp.arange(num_batches), x_batches))
+        iw, el, _ = jax.lax.map(one, (jnp.arange(num_batches), x_batches))
         iw, el = iw.reshape(-1)[:n], el.reshape(-1)[:n]
         return {f"iwae_{num_samples}": jnp.mean(iw), "elbo": jnp.mean(el)}
 

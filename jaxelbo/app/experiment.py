@@ -289,6 +289,7 @@ def format_summary(summary: dict) -> str:
              f"IWAE-64 {t['iwae_64']:.3f}" if "iwae_64" in t else None,
              f"ELBO {t['elbo']:.3f}" if "elbo" in t else None,
              f"active units {t['active_units']}" if "active_units" in t else None,
+             f"k-hat > 0.7 on {100 * t['khat_above_0.7']:.0f}% of points" if "khat_above_0.7" in t else None,
              f"skipped steps {summary.get('skipped_steps', 0)}",
              f"train {summary['wall_seconds']['train']:.1f} s"]
     return ", ".join(p for p in parts if p)

@@ -280,7 +280,6 @@ def test_train_and_test_of_different_sizes_fail_at_load(tmp_path):
     (["--guide-learning-rate", "0"], "--guide-learning-rate must be finite and > 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--eval-chunk-size", "0"], "--eval-chunk-size must be a positive integer"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1197 training images"),
     (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be a positive integer"),
 ])

@@ -191,12 +191,13 @@ def save(directory: str | Path, step: int, params: Any, opt_state: Any, *, keep:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp.absolute(), state, force=True)
         ckptr.wait_until_finished()
+    difference = _compare(expected, checksums(_read(tmp, state)))  # every process takes part in a read
+    if difference is not None:
+        if main:
+            _remove(tmp)
+        raise CheckpointError(f"checkpoint {final} did not read back as written ({difference})")
     if not main:
         return final
-    difference = _compare(expected, checksums(_read(tmp, state)))
-    if difference is not None:
-        _remove(tmp)
-        raise CheckpointError(f"checkpoint {final} did not read back as written ({difference})")
     manifest = {"format": _FORMAT, "step": int(step), "arrays": expected, "meta": meta or {}}
     part = tmp / (MANIFEST + ".part")
     with open(part, "w") as f:

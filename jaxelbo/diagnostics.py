@@ -45,7 +45,7 @@ def gradient_replicates(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree
     return jax.lax.map(lambda key: grad_fn(params, key), keys, batch_size=chunk_size)
 
 
-def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None) -> PyTree:
+def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None, *, ddof: int = 1) -> PyTree:
     """Per-element ``|mean| / std`` over the leading (replicate) axis.
 
     Args:
@@ -53,21 +53,26 @@ def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None) -> PyTre
       mean: optional pytree of better estimates of the mean (Tucker et al. 2019 use the
         low-variance, unbiased DReG replicates' mean when the estimator's own mean is
         swamped by its noise).
+      ddof: ``std`` divides the squared deviations by ``R - ddof``; 1 (the default) is the
+        sample variance that :class:`jaxelbo.snr.Moments` uses too.
     """
     if mean is None:
         mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), replicates)
-    return jax.tree_util.tree_map(lambda g, m: jnp.abs(m) / jnp.std(g, axis=0), replicates, mean)
+    return jax.tree_util.tree_map(lambda g, m: jnp.abs(m) / jnp.std(g, axis=0, ddof=ddof), replicates, mean)
 
 
 def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, num_replicates: int,
-                 chunk_size: int | None = None) -> PyTree:
+                 chunk_size: int | None = None, ddof: int = 1) -> PyTree:
     """Signal-to-noise ratio ``|E[g]| / std[g]`` of every gradient element.
 
     Rainforth et al. (2018, arXiv:1802.04537) show that for IWAE it grows as
-    ``sqrt(K)`` for ``theta`` and shrinks as ``1/sqrt(K)`` for ``phi``.
+    ``sqrt(K)`` for ``theta`` and shrinks as ``1/sqrt(K)`` for ``phi``. ``std`` is the
+    sample standard deviation over the R replicates with ``ddof`` (default 1, as
+    :class:`jaxelbo.snr.Moments`, so this equals the SNR of :func:`jaxelbo.snr.gradient_moments`
+    on the same keys); :func:`jaxelbo.snr.gradient_moments` streams it for large R.
     """
     reps = gradient_replicates(loss_fn, params, rng, x, num_replicates=num_replicates, chunk_size=chunk_size)
-    return snr_from_replicates(reps)
+    return snr_from_replicates(reps, ddof=ddof)
 
 
 class PairedBiasTest(NamedTuple):

@@ -24,9 +24,14 @@ aux)`` whose ``jax.grad`` is the estimator (every jaxelbo objective is one):
   each chunk's keys are sharded over the devices of a :class:`jax.sharding.Mesh`.
 * :func:`sweep` runs :func:`gradient_moments` over a grid (of ``num_samples``,
   ``num_outer``, or any keyword of the user's loss factory).
-* :func:`fit_loglog` fits ``log SNR = a + s log K`` with a Student-t interval on ``s``.
-* :func:`linear_gaussian_problem` and :func:`rainforth_experiment` reproduce the
-  linear-Gaussian experiment of both papers (used by ``jaxelbo snr``).
+* :func:`fit_loglog` fits ``log SNR = a + s log K`` by least squares, with the standard
+  error of ``s`` (a Student-t interval is ``Slope.interval(t)`` with ``t`` the quantile
+  of ``Slope.dof`` degrees of freedom).
+
+This is the engine. The linear-Gaussian experiment of both papers (its problem, records,
+tables and figures, and ``jaxelbo snr``) is :mod:`jaxelbo.app.rainforth`.
+
+Variances are sample variances with ``ddof = 1`` here and in :func:`jaxelbo.gradient_snr`.
 
 References:
   Rainforth, Kosiorek, Le, Maddison, Igl, Wood, Teh (2018). Tighter Variational Bounds
@@ -49,8 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-PyTree = Any
-LossFn = Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, Any]]
+from jaxelbo.types import LossFn, PyTree
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 MAX_AUTO_CHUNK = 2048  # replicates per compiled call when memory allows; larger gains little
@@ -64,10 +68,9 @@ __all__ = [
     "fit_loglog",
     "geometric_grid",
     "gradient_moments",
-    "linear_gaussian_problem",
     "param_layout",
     "paired_t",
-    "rainforth_experiment",
+    "replicate_mesh",
     "signal_to_noise",
     "summarize",
     "sweep",
@@ -92,7 +95,7 @@ class Moments(NamedTuple):
 
     @property
     def variance(self) -> np.ndarray:
-        """Unbiased sample variance ``m2 / (count - 1)``."""
+        """Unbiased sample variance ``m2 / (count - 1)`` (``ddof = 1``, as :func:`jaxelbo.gradient_snr`)."""
         return self.m2 / max(self.count - 1, 1)
 
     def merge(self, other: Moments) -> Moments:
@@ -181,8 +184,12 @@ def param_layout(params: PyTree) -> ParamLayout:
 # ----------------------------------------------------------------------------- the program
 
 
-def _replicate_mesh(mesh: jax.sharding.Mesh | None | bool) -> jax.sharding.Mesh | None:
-    """``None`` -> a 1-D mesh over every device when there are several; ``False`` -> none."""
+def replicate_mesh(mesh: jax.sharding.Mesh | None | bool = None) -> jax.sharding.Mesh | None:
+    """The mesh :func:`gradient_moments` shards replicates over.
+
+    ``None``: a 1-D mesh over every device when there are several (else no mesh);
+    ``False``: no mesh; a :class:`jax.sharding.Mesh` is returned as is.
+    """
     if mesh is False:
         return None
     if mesh is None:
@@ -309,7 +316,7 @@ def gradient_moments(
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
 
-    mesh = _replicate_mesh(mesh)
+    mesh = replicate_mesh(mesh)
     multiple = 1 if mesh is None else int(np.prod(list(mesh.shape.values())))
     program = _chunk_program(loss_fns, pairs)
     keys = jax.random.split(rng, num_replicates)
@@ -477,50 +484,51 @@ def summarize(values: np.ndarray, layout: ParamLayout) -> dict[str, dict[str, fl
 
 
 class Slope(NamedTuple):
-    """Least-squares line ``log y = intercept + slope * log x`` with a two-sided interval."""
+    """Least-squares line ``log y = intercept + slope * log x``.
+
+    ``stderr`` is the standard error of ``slope`` from the scatter of the points about the
+    line (``None`` with two points, which a line fits exactly); a two-sided interval at
+    confidence ``c`` is ``interval(t)`` with ``t`` the ``(1 + c) / 2`` quantile of Student's
+    t with :attr:`dof` degrees of freedom (``scipy.stats.t.ppf``; the app's
+    :func:`jaxelbo.app.rainforth.confidence_interval` does this).
+    """
 
     slope: float
-    stderr: float
-    ci_low: float
-    ci_high: float
+    stderr: float | None
     intercept: float
     num_points: int
-    confidence: float
+
+    @property
+    def dof(self) -> int:
+        """Degrees of freedom of the residuals, ``num_points - 2``."""
+        return self.num_points - 2
+
+    def interval(self, quantile: float) -> tuple[float, float] | None:
+        """``(slope - quantile * stderr, slope + quantile * stderr)``; None without a stderr."""
+        if self.stderr is None:
+            return None
+        return self.slope - quantile * self.stderr, self.slope + quantile * self.stderr
 
 
-def _student_t_quantile(p: float, dof: int) -> float:
-    """Quantile of Student's t with ``dof`` degrees of freedom, by bisection on its CDF
-    ``F(t) = 1 - I_{dof / (dof + t^2)}(dof / 2, 1 / 2) / 2`` for ``t > 0``."""
-    if p <= 0.5:
-        return -_student_t_quantile(1 - p, dof) if p < 0.5 else 0.0
+def fit_loglog(x: Sequence[float], y: Sequence[float]) -> Slope:
+    """Fit ``log y = a + s log x`` by ordinary least squares.
 
-    def cdf(t):
-        xb = dof / (dof + t * t)
-        return 1.0 - 0.5 * float(jax.scipy.special.betainc(dof / 2.0, 0.5, xb))
+    Points with a non-positive ``x`` or ``y`` (no logarithm) are left out; ``num_points``
+    counts those used. The standard error reflects the scatter of the points about the line
+    (``n - 2`` degrees of freedom), which includes both Monte Carlo noise in each SNR
+    estimate and any curvature (the SNR laws of Rainforth et al. 2018 are asymptotic in ``K``).
 
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def fit_loglog(x: Sequence[float], y: Sequence[float], *, confidence: float = 0.95) -> Slope:
-    """Fit ``log y = a + s log x`` by ordinary least squares; ``s`` with a Student-t interval.
-
-    The interval reflects the scatter of the points about the line (``n - 2`` degrees of
-    freedom), which includes both Monte Carlo noise in each SNR estimate and any curvature
-    (the SNR laws of Rainforth et al. 2018 are asymptotic in ``K``).
+    Raises:
+      ValueError: fewer than two usable points.
 
     Example:
       >>> s = fit_loglog([1, 10, 100], [1.0, 3.2, 9.9])
-      >>> round(s.slope, 2)
-      0.5
+      >>> round(s.slope, 2), s.num_points, s.dof
+      (0.5, 3, 1)
     """
-    lx = np.log(np.asarray(x, np.float64))
-    ly = np.log(np.asarray(y, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lx = np.log(np.asarray(x, np.float64))
+        ly = np.log(np.asarray(y, np.float64))
     keep = np.isfinite(lx) & np.isfinite(ly)
     lx, ly = lx[keep], ly[keep]
     n = lx.size
@@ -528,15 +536,15 @@ def fit_loglog(x: Sequence[float], y: Sequence[float], *, confidence: float = 0.
         raise ValueError(f"fit_loglog needs at least 2 positive points, got {n}")
     xc = lx - lx.mean()
     sxx = float(np.sum(xc**2))
+    if sxx == 0.0:
+        raise ValueError("fit_loglog needs at least 2 distinct x values")
     slope = float(np.sum(xc * (ly - ly.mean())) / sxx)
     intercept = float(ly.mean() - slope * lx.mean())
+    stderr = None
     if n > 2:
         resid = ly - intercept - slope * lx
         stderr = float(np.sqrt(np.sum(resid**2) / (n - 2) / sxx))
-        half = _student_t_quantile(0.5 + confidence / 2, n - 2) * stderr
-    else:
-        stderr, half = float("nan"), float("nan")
-    return Slope(slope, stderr, slope - half, slope + half, intercept, n, confidence)
+    return Slope(slope, stderr, intercept, n)
 
 
 def geometric_grid(maximum: int, num: int | None = None, minimum: int = 1) -> list[int]:
@@ -548,223 +556,3 @@ def geometric_grid(maximum: int, num: int | None = None, minimum: int = 1) -> li
         num = max(2, int(round(4 * math.log10(maximum / minimum))) + 1)
     grid = np.unique(np.round(np.geomspace(minimum, maximum, num)).astype(int))
     return [int(v) for v in grid]
-
-
-# ----------------------------------------------------------------------------- the experiment
-
-
-class LinearGaussianProblem(NamedTuple):
-    """The linear-Gaussian SNR problem of Rainforth et al. (2018)."""
-
-    model: Any
-    guide: Any
-    params: PyTree
-    x: jax.Array  # the batch the gradient is taken on
-    data: jax.Array  # all N points
-    mu_true: jax.Array
-    scale: float
-
-
-def linear_gaussian_problem(rng: jax.Array, *, dim: int = 20, num_points: int = 1024,
-                            batch_size: int = 1, scale: float = math.sqrt(2.0 / 3.0),
-                            noise: float = 0.01) -> LinearGaussianProblem:
-    """Rainforth et al.'s setting: ``mu ~ N(0, I_D)``; ``N`` points from ``p(x) = N(mu, 2I)``;
-    the guide ``N(Ax + b, scale^2 I)`` with ``scale`` fixed at ``sqrt(2/3)``; parameters at
-    the optimum (``mu`` = data mean, ``A = I/2``, ``b = mu/2``) plus ``N(0, noise^2)``
-    noise on every element. The gradient is taken on the first ``batch_size`` points.
-    """
-    from jaxelbo.models import linear_gaussian as lg
-
-    if batch_size < 1 or batch_size > num_points:
-        raise ValueError(f"batch_size must be in [1, num_points={num_points}], got {batch_size}")
-
-    @jax.jit  # one compiled program instead of one per eager random call
-    def draw(rng):
-        k_mu, k_data, k_noise = jax.random.split(rng, 3)
-        mu_true = jax.random.normal(k_mu, (dim,))
-        data = lg.sample_data(k_data, mu_true, num_points)
-        params = lg.optimal_params(jnp.mean(data, axis=0), scale=scale)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        noise_keys = jax.random.split(k_noise, len(leaves))
-        leaves = [leaf + noise * jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
-                  for leaf, k in zip(leaves, noise_keys, strict=True)]
-        return mu_true, data, jax.tree_util.tree_unflatten(treedef, leaves)
-
-    mu_true, data, params = draw(rng)
-    return LinearGaussianProblem(lg.model(), lg.guide(scale=scale), params, data[:batch_size], data,
-                                 mu_true, scale)
-
-
-ESTIMATOR_LABELS = {"reparam": "IWAE (reparam)", "stl": "STL", "dreg": "DReG"}
-EXPECTED_SLOPES = {
-    ("num_samples", "reparam", "theta"): 0.5,
-    ("num_samples", "reparam", "phi"): -0.5,
-    ("num_samples", "dreg", "phi"): 0.5,
-    **{("num_outer", e, g): 0.5 for e in ("reparam", "stl", "dreg") for g in ("theta", "phi")},
-}
-
-
-def _point_record(point: GridPoint, layout: ParamLayout, axis: str, extra: Mapping[str, Any],
-                  mean_reference: Mapping[str, str]) -> dict[str, Any]:
-    rec: dict[str, Any] = {axis: point.setting, **extra, "seconds": point.seconds,
-                           "estimators": {}, "pairs": {}}
-    for name, snr in point.snr.items():
-        m = point.moments[name]
-        rec["estimators"][name] = {
-            "snr": summarize(snr, layout),
-            "snr_own_mean": summarize(point.snr_self[name], layout),
-            "mean_from": mean_reference.get(name, name),
-            "total_variance": {g: float(np.sum(m.variance[idx])) for g, idx in layout.groups.items()},
-        }
-    for name, m in point.moments.items():
-        if name in point.snr:
-            continue
-        t = paired_t(m)
-        ref = point.moments[name.split("-", 1)[1]]
-        ms_diff = m.m2 / m.count + m.mean**2  # E[d^2] per element
-        ms_ref = ref.m2 / ref.count + ref.mean**2
-        rec["pairs"][name] = {
-            g: {"rms_t": float(np.sqrt(np.mean(t[idx] ** 2))), "max_abs_t": float(np.max(np.abs(t[idx]))),
-                "mean_t": float(np.mean(t[idx])), "frac_abs_t_gt_3": float(np.mean(np.abs(t[idx]) > 3)),
-                "relative_rms_difference": float(np.sqrt(np.sum(ms_diff[idx]) / np.sum(ms_ref[idx]))),
-                "identical": bool(np.all(m.mean[idx] == 0) and np.all(m.m2[idx] == 0))}
-            for g, idx in layout.groups.items()
-        }
-    return rec
-
-
-def rainforth_experiment(
-    *,
-    seed: int = 0,
-    num_replicates: int = 10_000,
-    k_grid: Sequence[int] = (1, 2, 3, 6, 10, 18, 32, 56, 100, 178, 316, 562, 1000),
-    m_grid: Sequence[int] = (1, 2, 3, 6, 10, 18, 32, 56, 100),
-    num_inner: int = 10,
-    estimators: Sequence[str] = ("reparam", "stl", "dreg"),
-    dim: int = 20,
-    num_points: int = 1024,
-    batch_size: int = 1,
-    noise: float = 0.01,
-    fit_min: int = 100,
-    chunk_size: int | None = None,
-    mesh: jax.sharding.Mesh | None | bool = None,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-    progress: Callable[[str, Any], None] | None = None,
-) -> dict[str, Any]:
-    """Reproduce the SNR-versus-K and SNR-versus-M experiments of Rainforth et al. (2018)
-    with the estimators of Tucker et al. (2019) on the linear-Gaussian toy.
-
-    ``K`` sweep: ``je.iwae(num_samples=K, estimator=e)``; ``M`` sweep:
-    ``je.miwae(num_outer=M, num_inner=num_inner, estimator=e)``. All estimators of one
-    configuration share their random keys. ``reparam``'s mean is taken from ``dreg`` (both
-    are unbiased for the gradient of the same bound) when both are swept. Slopes of the
-    element-mean SNR are fitted on ``K >= fit_min`` (the SNR laws are asymptotic in ``K``;
-    DReG's local slope is still rising towards 0.5 below ``K ~ 100``), and on the whole ``M``
-    grid (in ``M`` the law is exact: MIWAE averages ``M`` independent IWAE gradients).
-
-    Returns:
-      a JSON-serialisable dict: ``settings``, ``k_sweep`` and ``m_sweep`` (one record per
-      setting, every SNR summary, total variances and paired t-statistics), ``slopes``
-      (``{"num_samples"|"num_outer": {estimator: {group: Slope fields + expected}}}``),
-      ``checks`` (variance ordering and bias tests) and ``seconds``.
-    """
-    import jaxelbo as je
-
-    for e in estimators:
-        if e not in ("reparam", "stl", "dreg"):
-            raise ValueError(f"estimator {e!r} not supported by the SNR sweep; valid: reparam, stl, dreg")
-    problem = linear_gaussian_problem(jax.random.key(seed), dim=dim, num_points=num_points,
-                                      batch_size=batch_size, noise=noise)
-    layout = param_layout(problem.params)
-    estimators = tuple(estimators)
-    pairs = [p for p in (("stl", "dreg"), ("dreg", "reparam")) if p[0] in estimators and p[1] in estimators]
-    mean_reference = {"reparam": "dreg"} if {"reparam", "dreg"} <= set(estimators) else {}
-    start = time.perf_counter()
-
-    def make_iwae(num_samples):
-        return {e: je.iwae(problem.model, problem.guide, num_samples=num_samples, estimator=e)
-                for e in estimators}
-
-    def make_miwae(num_outer):
-        return {e: je.miwae(problem.model, problem.guide, num_outer=num_outer, num_inner=num_inner,
-                            estimator=e) for e in estimators}
-
-    common = dict(num_replicates=num_replicates, pairs=pairs, mean_reference=mean_reference,
-                  chunk_size=chunk_size, mesh=mesh, memory_budget_bytes=memory_budget_bytes)
-    rng = jax.random.key(seed + 1)
-    k_points = sweep(make_iwae, problem.params, jax.random.fold_in(rng, 0), problem.x, grid=list(k_grid),
-                     progress=None if progress is None else (lambda p: progress("num_samples", p.setting)),
-                     **common)
-    m_points = sweep(make_miwae, problem.params, jax.random.fold_in(rng, 1), problem.x, grid=list(m_grid),
-                     progress=None if progress is None else (lambda p: progress("num_outer", p.setting)),
-                     **common)
-
-    k_records = [_point_record(p, layout, "num_samples", {}, mean_reference) for p in k_points]
-    m_records = [_point_record(p, layout, "num_outer", {"num_inner": num_inner}, mean_reference)
-                 for p in m_points]
-
-    slopes = {"num_samples": _slopes(k_records, "num_samples", estimators, fit_min),
-              "num_outer": _slopes(m_records, "num_outer", estimators, 1)}
-
-    checks = _checks(k_records, estimators)
-    return {
-        "settings": {
-            "seed": seed, "num_replicates": num_replicates, "k_grid": list(k_grid), "m_grid": list(m_grid),
-            "num_inner": num_inner, "estimators": list(estimators), "dim": dim, "num_points": num_points,
-            "batch_size": batch_size, "guide_scale": problem.scale, "param_noise": noise, "fit_min": fit_min,
-            "chunk_size": chunk_size, "memory_budget_bytes": memory_budget_bytes,
-            "num_devices": 1 if _replicate_mesh(mesh) is None else int(np.prod(list(_replicate_mesh(mesh)
-                                                                                     .shape.values()))),
-            "mean_reference": mean_reference,
-            "aggregate": "SNR per element |E[g]| / std[g]; 'mean' is the mean over the group's elements",
-            "params": {name: [sl.start, sl.stop] for name, sl in layout.leaves.items()},
-        },
-        "k_sweep": k_records,
-        "m_sweep": m_records,
-        "slopes": slopes,
-        "checks": checks,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def _slopes(records: list[dict[str, Any]], axis: str, estimators: Sequence[str],
-            fit_min: int) -> dict[str, Any]:
-    """Log-log slopes of the element-mean SNR per estimator and group: on ``setting >= fit_min``
-    (the headline number) and, under ``"whole_grid"``, on every setting."""
-    out: dict[str, Any] = {}
-    for e in estimators:
-        out[e] = {}
-        for g in ("theta", "phi"):
-            fits = {}
-            for label, lo in (("fit", fit_min), ("whole_grid", 1)):
-                xs = [r[axis] for r in records if r[axis] >= lo]
-                ys = [r["estimators"][e]["snr"][g]["mean"] for r in records if r[axis] >= lo]
-                if len(xs) >= 2:
-                    fits[label] = {**fit_loglog(xs, ys)._asdict(), "fit_range": [min(xs), max(xs)]}
-            if "fit" in fits:
-                out[e][g] = {**fits["fit"], "expected": EXPECTED_SLOPES.get((axis, e, g)),
-                             "whole_grid": fits.get("whole_grid")}
-    return out
-
-
-def _checks(k_records: list[dict[str, Any]], estimators: Sequence[str]) -> dict[str, Any]:
-    """Variance ordering DReG < STL < IWAE for phi at every K > 1, and the paired bias tests."""
-    out: dict[str, Any] = {}
-    if {"reparam", "stl", "dreg"} <= set(estimators):
-        rows = []
-        for r in k_records:
-            v = {e: r["estimators"][e]["total_variance"]["phi"] for e in ("dreg", "stl", "reparam")}
-            rows.append({"num_samples": r["num_samples"], **v,
-                         "ordered": bool(v["dreg"] < v["stl"] < v["reparam"])})
-        out["phi_variance_ordering"] = {
-            "claim": "total phi variance dreg < stl < reparam for every K > 1",
-            "holds": all(row["ordered"] for row in rows if row["num_samples"] > 1),
-            "per_k": rows,
-        }
-    claims = {"stl-dreg": "STL is biased for K > 1: the paired mean of STL - DReG differs from 0",
-              "dreg-reparam": "DReG is unbiased: the paired mean of DReG - IWAE is 0 (rms t ~ 1)"}
-    for name, claim in claims.items():
-        if all(name in r["pairs"] for r in k_records):
-            per_k = [{"num_samples": r["num_samples"], **r["pairs"][name]["phi"]} for r in k_records]
-            out[name] = {"claim": claim, "per_k": per_k}
-    return out

@@ -41,7 +41,7 @@ def test_gradient_snr_is_abs_mean_over_std():
     params = bad_guide_params()
     reps = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(0), X, num_replicates=50))(params)
     snr = jax.jit(lambda p: je.gradient_snr(loss_fn, p, jax.random.key(0), X, num_replicates=50))(params)
-    want = jax.tree_util.tree_map(lambda g: jnp.abs(g.mean(0)) / g.std(0), reps)
+    want = jax.tree_util.tree_map(lambda g: jnp.abs(g.mean(0)) / g.std(0, ddof=1), reps)
     chex.assert_trees_all_close(snr, want, rtol=1e-5)
     chex.assert_trees_all_equal_shapes(snr, params)
 

@@ -1,9 +1,11 @@
-"""Tests of jaxelbo.snr: streaming moments, chunking and sharding invariance, log-log fits,
-and a reduced Rainforth et al. (2018) / Tucker et al. (2019) SNR experiment whose slopes
-a wrong estimator would fail."""
+"""Tests of the SNR engine (jaxelbo.snr: streaming moments, chunking and sharding invariance,
+log-log fits) and of the experiment built on it (jaxelbo.app.rainforth: a reduced Rainforth
+et al. (2018) / Tucker et al. (2019) SNR experiment whose slopes a wrong estimator would fail,
+its records, tables, figures and command)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo import snr
+from jaxelbo.app import rainforth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,8 +124,8 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="mean_reference"):
         snr.sweep(lambda k: {"a": _noisy_quadratic}, jnp.ones(2), jax.random.key(0), None, grid=[1],
                   num_replicates=4, mean_reference={"a": "b"})
-    with pytest.raises(ValueError, match="valid: reparam, stl, dreg"):
-        snr.rainforth_experiment(estimators=("score",))
+    with pytest.raises(ValueError, match="valid choices: reparam, stl, dreg"):
+        rainforth.rainforth_experiment(estimators=("score",))
 
 
 # ----------------------------------------------------------------------------- layout, fits
@@ -139,15 +142,37 @@ def test_param_layout_groups():
                                   np.arange(15))
 
 
-def test_student_t_quantile_and_fit():
-    for dof, expected in ((1, 12.706), (4, 2.776), (30, 2.042)):
-        assert snr._student_t_quantile(0.975, dof) == pytest.approx(expected, abs=2e-3)
+def test_fit_and_its_t_interval():
     k = np.array([1, 10, 100, 1000])
     exact = snr.fit_loglog(k, 3.0 * k**-0.5)
     assert exact.slope == pytest.approx(-0.5) and exact.stderr == pytest.approx(0.0, abs=1e-12)
+    assert exact.intercept == pytest.approx(math.log(3.0)) and exact.dof == 2
     noisy = snr.fit_loglog(k, k**0.5 * np.array([1.05, 0.95, 1.02, 0.99]))
-    assert noisy.ci_low < 0.5 < noisy.ci_high and noisy.num_points == 4
+    low, high = rainforth.confidence_interval(noisy)
+    assert low < 0.5 < high and noisy.num_points == 4
+    # the 95% interval is slope -+ t_{0.975, dof} stderr (t = 4.303 for 2 dof)
+    assert high - noisy.slope == pytest.approx(4.3027 * noisy.stderr, rel=1e-4)
+    assert noisy.interval(1.0) == pytest.approx((noisy.slope - noisy.stderr, noisy.slope + noisy.stderr))
+    # two points: a slope, but no stderr and no interval; non-positive points are left out
+    two = snr.fit_loglog([1, 10, 100], [1.0, 0.0, 10.0])
+    assert two.slope == pytest.approx(0.5) and two.num_points == 2 and two.stderr is None
+    assert rainforth.confidence_interval(two) is None and two.interval(2.0) is None
+    with pytest.raises(ValueError, match="at least 2 positive points"):
+        snr.fit_loglog([1, 10], [1.0, 0.0])
     assert snr.geometric_grid(1000)[:4] == [1, 2, 3, 6] and snr.geometric_grid(1000)[-1] == 1000
+
+
+def test_gradient_snr_and_moments_agree_on_ddof():
+    """je.gradient_snr and snr.gradient_moments use the same keys and the same ddof = 1."""
+    lg = je.models.linear_gaussian
+    params = lg.optimal_params(jnp.array([0.3, -0.2]))
+    params["guide"]["b"] = params["guide"]["b"] + 0.4
+    x = jnp.ones((2, 2))
+    loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="reparam")
+    got = je.gradient_snr(loss_fn, params, jax.random.key(3), x, num_replicates=40)
+    m = snr.gradient_moments(loss_fn, params, jax.random.key(3), x, num_replicates=40)["loss"]
+    want = snr.signal_to_noise(m.mean, m.variance)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(got)[0], want, rtol=1e-3)
 
 
 def test_sweep_accepts_keyword_grid_and_any_loss():
@@ -174,59 +199,106 @@ def reduced_experiment():
     numbers are drawn, not their distribution (the default is exercised by the other tests).
     """
     with jax.threefry_partitionable(False):
-        return snr.rainforth_experiment(seed=0, num_replicates=400, k_grid=(8, 512), m_grid=(), dim=10,
-                                        num_points=256, fit_min=8)
+        return rainforth.rainforth_experiment(seed=0, num_replicates=400, k_grid=(8, 512), m_grid=(), dim=10,
+                                              num_points=256, fit_min=8)
 
 
 def test_reduced_experiment_slopes(reduced_experiment):
-    slopes = reduced_experiment["slopes"]["num_samples"]
+    slopes = reduced_experiment.slopes["num_samples"]
     tol = 0.15  # a wrong estimator is off by ~1.0 in the phi slopes (see below)
-    assert slopes["reparam"]["theta"]["slope"] == pytest.approx(0.5, abs=tol)
-    assert slopes["reparam"]["phi"]["slope"] == pytest.approx(-0.5, abs=tol)
-    assert slopes["dreg"]["phi"]["slope"] == pytest.approx(0.5, abs=tol)
+    assert slopes["reparam"]["theta"].slope == pytest.approx(0.5, abs=tol)
+    assert slopes["reparam"]["phi"].slope == pytest.approx(-0.5, abs=tol)
+    assert slopes["dreg"]["phi"].slope == pytest.approx(0.5, abs=tol)
+    assert slopes["dreg"]["phi"].expected == 0.5 and slopes["stl"]["phi"].expected is None
     # the same checks would catch a swapped estimator: STL's phi slope is positive, so
     # passing it off as reparam fails, and reparam passed off as DReG fails as well
-    assert abs(slopes["stl"]["phi"]["slope"] - (-0.5)) > 3 * tol
-    assert abs(slopes["reparam"]["phi"]["slope"] - 0.5) > 3 * tol
+    assert abs(slopes["stl"]["phi"].slope - (-0.5)) > 3 * tol
+    assert abs(slopes["reparam"]["phi"].slope - 0.5) > 3 * tol
     # the theta gradient is the same estimator for all three (paired on the same keys)
     for e in ("stl", "dreg"):
-        assert slopes[e]["theta"]["slope"] == pytest.approx(slopes["reparam"]["theta"]["slope"], abs=1e-6)
+        assert slopes[e]["theta"].slope == pytest.approx(slopes["reparam"]["theta"].slope, abs=1e-6)
+    # two K values: slopes without an interval, and a note that says so
+    assert slopes["dreg"]["phi"].ci_low is None and slopes["dreg"]["phi"].num_points == 2
+    assert any("without a confidence interval" in note for note in reduced_experiment.notes)
 
 
 def test_reduced_experiment_variance_and_bias(reduced_experiment):
-    checks = reduced_experiment["checks"]
-    assert checks["phi_variance_ordering"]["holds"]
+    checks = reduced_experiment.checks
+    assert checks.phi_variance_ordering.holds
     # STL - DReG: biased for K > 1, so the paired t grows with K; a biased "DReG" would show
     # up in DReG - IWAE instead, whose rms t is ~1 (5 is far above its sampling spread)
-    for row in checks["stl-dreg"]["per_k"]:
-        assert row["rms_t"] > 5
-    for row in checks["dreg-reparam"]["per_k"]:
-        assert row["rms_t"] < 2
-    record = reduced_experiment["k_sweep"][-1]
-    assert record["estimators"]["reparam"]["mean_from"] == "dreg"
-    json.dumps(reduced_experiment)  # serialisable
+    for row in checks.stl_dreg.per_k:
+        assert row.rms_t > 5
+    for row in checks.dreg_reparam.per_k:
+        assert row.rms_t < 2
+    record = reduced_experiment.k_sweep[-1]
+    assert record.num_samples == 512 and record.estimators["reparam"].mean_from == "dreg"
 
 
-def test_command_writers(reduced_experiment, tmp_path):
+def test_result_round_trips_through_json(reduced_experiment):
+    data = json.loads(json.dumps(reduced_experiment.to_json()))
+    assert rainforth.Result.from_json(data) == reduced_experiment
+    assert set(data["checks"]) == {"phi_variance_ordering", "stl-dreg", "dreg-reparam"}
+    assert data["slopes"]["num_samples"]["dreg"]["phi"]["fit_range"] == [8, 512]
+
+
+def test_committed_results_still_load():
+    """benchmarks/results/snr/snr.json (written before the typed records) loads and renders."""
+    result = rainforth.load_result(os.path.join(ROOT, "benchmarks", "results", "snr"))
+    assert result.settings.num_replicates == 10_000 and len(result.k_sweep) == 13
+    assert result.slopes["num_samples"]["dreg"]["phi"].slope == pytest.approx(0.5, abs=0.05)
+    assert "| K | DReG | phi |" in rainforth.markdown(result)
+
+
+def _records(axis, grid, phi_snr):
+    """Synthetic sweep records whose element-mean SNR is the given phi series (theta = 1)."""
+    def est(v):
+        summary = {g: rainforth.GroupSummary(v if g == "phi" else 1.0, 0, 0, 0) for g in ("theta", "phi")}
+        return rainforth.EstimatorRecord(summary, summary, "dreg", {"theta": 1.0, "phi": 1.0})
+
+    return [rainforth.PointRecord(seconds=0.0, estimators={"dreg": est(v)}, pairs={}, **{axis: x})
+            for x, v in zip(grid, phi_snr, strict=True)]
+
+
+def test_small_grids_fit_what_they_can_and_say_why():
+    """--k-grid 1,10,100 --m-grid 1,10: no K >= 100 pair, two M values, one K value."""
+    notes = []
+    k = rainforth.fit_slopes(_records("num_samples", [1, 10, 100], [1.0, 3.0, 10.0]), "num_samples",
+                             ["dreg"], 100, notes)
+    assert k["dreg"]["phi"].slope == pytest.approx(0.5, abs=0.03) and k["dreg"]["phi"].fit_range == [1, 100]
+    assert k["dreg"]["phi"].ci_low is not None  # three points: an interval
+    assert "fitted on the whole grid (K = 1..100)" in notes[0]
+    m = rainforth.fit_slopes(_records("num_outer", [1, 10], [1.0, 3.16]), "num_outer", ["dreg"], 1, notes)
+    assert m["dreg"]["phi"].ci_low is None and "M sweep: 2 settings" in notes[1]
+    assert rainforth.format_slope(m["dreg"]["phi"]) == "+0.500 [no interval: 2 points]"
+    assert rainforth.fit_slopes(_records("num_samples", [4], [1.0]), "num_samples", ["dreg"], 1, notes) == {}
+    assert "no K slope" in notes[2]
+    zero = rainforth.fit_slopes(_records("num_samples", [1, 10, 100], [1.0, 0.0, 10.0]), "num_samples",
+                                ["dreg"], 1, notes)
+    assert zero["dreg"]["phi"].num_points == 2 and "SNR 0 at K = 10, left out of the fit" in notes[-1]
+
+
+def test_writers_and_replot(reduced_experiment, tmp_path):
+    from jaxelbo.app.cli import build_parser
     from jaxelbo.app.commands import snr as cmd
 
-    result = dict(reduced_experiment, wall_seconds=1.0, environment=cmd.environment())
-    cmd.write_csv(result, tmp_path / "snr.csv")
+    result = dataclasses.replace(reduced_experiment, wall_seconds=1.0, environment=cmd.environment())
+    rainforth.write_csv(result, tmp_path / "snr.csv")
     rows = [r.split(",") for r in (tmp_path / "snr.csv").read_text().splitlines()]
     # K x estimators x (theta, phi, and the leaves model/mu, guide/A, guide/b)
     assert len(rows) == 1 + 2 * 3 * 5
     assert sum(r[5] in ("theta", "phi") for r in rows) == 2 * 3 * 2
-    table = cmd.markdown(result)
-    assert "| K | DReG | phi |" in table and "Wall time" in table
-    cmd.plot(result, tmp_path / "snr.png")
+    table = rainforth.markdown(result)
+    assert "| K | DReG | phi |" in table and "Wall time" in table and "nan" not in table
+    rainforth.plot(result, tmp_path / "snr.png")
     assert (tmp_path / "snr.png").stat().st_size > 10_000
     # --replot re-renders everything from snr.json without sweeping
-    from jaxelbo.app.cli import build_parser
-
-    cmd.write_outputs(result, str(tmp_path / "out"))
+    paths = rainforth.write_outputs(result, str(tmp_path / "out"))
+    assert "snr_m.png" not in paths  # no M sweep, no M figure
     (tmp_path / "out" / "snr.md").unlink()
     assert cmd.run(build_parser().parse_args(["snr", "--out", str(tmp_path / "out"), "--replot"])) == 0
     assert (tmp_path / "out" / "snr.md").read_text() == table
+    assert cmd.run(build_parser().parse_args(["snr", "--out", str(tmp_path / "empty"), "--replot"])) == 2
 
 
 def test_command_flags():
@@ -271,10 +343,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jaxelbo as je
     from jaxelbo import snr
     assert jax.device_count() == 8
-    problem = snr.linear_gaussian_problem(jax.random.key(0), dim=4, num_points=16)
+    from jaxelbo.app import rainforth
+    problem = rainforth.linear_gaussian_problem(jax.random.key(0), dim=4, num_points=16)
     fns = {e: je.iwae(problem.model, problem.guide, num_samples=16, estimator=e) for e in ("reparam", "dreg")}
     kw = dict(num_replicates=100, pairs=[("dreg", "reparam")])  # 100 is not a multiple of 8: padding
-    mesh = snr._replicate_mesh(None)
+    mesh = snr.replicate_mesh(None)
     one = snr.gradient_moments(fns, problem.params, jax.random.key(1), problem.x, mesh=False, **kw)
     # 5 chunks of 20 replicates, each rounded up to 24 = 3 per device, the padding masked
     many = snr.gradient_moments(fns, problem.params, jax.random.key(1), problem.x, chunk_size=20, **kw)

@@ -85,3 +85,41 @@ def test_missing_data_message_names_each_file_once(tmp_path, name):
     assert message.count(f"{name}.npz") == 1, message
     assert f"{name}.npz / {name}.npz" not in message
     assert message.count(str(tmp_path / name) + " ") <= 1
+
+
+def test_running_mean_is_the_trailing_window_mean():
+    from jaxelbo.app.plotting import running_mean
+
+    values = np.array([1.0, 3.0, 5.0, 7.0, 100.0])
+    np.testing.assert_allclose(running_mean(values, 2), [1.0, 2.0, 4.0, 6.0, 53.5])
+    np.testing.assert_allclose(running_mean(values, 1), values)
+    np.testing.assert_allclose(running_mean(values, 10), np.cumsum(values) / np.arange(1, 6))
+    with pytest.raises(ValueError, match="window"):
+        running_mean(values, 0)
+
+
+def test_figures_carry_their_captions(tmp_path, monkeypatch):
+    """curves.png: running mean and the ELBO-vs-IWAE note; reconstructions.png: one draw from the guide."""
+    import matplotlib.figure
+
+    from jaxelbo.app import plotting
+
+    texts: dict[str, list[str]] = {}
+
+    def record(fig, path, **kwargs):
+        texts[Path(path).name] = [t.get_text() for t in fig.texts] + [
+            line.get_label() for ax in fig.axes for line in ax.get_lines()] + [ax.get_title() for ax in fig.axes]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    rng = np.random.default_rng(0)
+    records = [{"step": i, "split": "train", "bound": -90.0 + i / 100 + rng.normal()} for i in range(200)]
+    records += [{"step": i, "split": "validation", "elbo": -95.0 - i / 200, "iwae_64": -90 + i / 100}
+                for i in range(0, 200, 50)]
+    plotting.plot_curves(records, tmp_path / "curves.png")
+    assert any("running mean of 10 records" in t for t in texts["curves.png"])
+    assert plotting.ELBO_VS_IWAE_NOTE in texts["curves.png"]
+    plotting.plot_curves(records[:200], tmp_path / "train_only.png")  # no validation: no note
+    assert plotting.ELBO_VS_IWAE_NOTE not in texts["train_only.png"]
+    x = rng.random((4, 64))
+    plotting.plot_reconstructions(x, x, (8, 8), tmp_path / "reconstructions.png")
+    assert any("ONE draw z ~ q(z|x)" in t for t in texts["reconstructions.png"])

@@ -646,3 +646,18 @@ def test_evaluate_of_an_empty_split_is_one_line(state, tmp_path, capsys):
     checkpoint.save(tmp_path / "checkpoints", 3, params, opt_state)
     assert main(["evaluate", str(tmp_path), "--split", "validation", "--eval-num-samples", "10"]) == 2
     _one_line_error(capsys, "validation split", "is empty")
+
+
+@pytest.mark.slow
+def test_interrupt_during_the_final_evaluation_still_writes_the_summary(tmp_path, capsys, monkeypatch):
+    from jaxelbo.app import evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--steps", "4", "--out", str(out)]) == 130
+    _one_line_error(capsys, "interrupted by SIGINT at step 4; last checkpoint: step 4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["test"] is None and summary["steps"] == 4

@@ -227,6 +227,7 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
                             max_nonfinite_steps=settings.get("max_nonfinite_steps"), handle_signals=out is not None)
     train_seconds = result.prior_seconds + result.wall_seconds  # all sessions of a resumed run
     status = "interrupted" if result.signum else result.status  # a signal in the last chunk: no evaluation
+    signum = result.signum
     params = sharding.gather(result.params) if mesh is not None else result.params
     params = jax.tree.map(jax.numpy.asarray, params)
 
@@ -234,11 +235,16 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
     x_test = data.evaluation_split(ds, "test", settings["binarization"])[:settings.get("eval_num_points")]
     test = None
     if status != "interrupted":
-        test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
-                                   x_test, posterior_means=net.posterior_means,
-                                   num_samples_ll=settings["eval_num_samples"],
-                                   chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"],
-                                   progress=progress and main_process)
+        try:
+            test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
+                                       x_test, posterior_means=net.posterior_means,
+                                       num_samples_ll=settings["eval_num_samples"],
+                                       chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"],
+                                       progress=progress and main_process)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the command raises it, during the evaluation
+            if out is None:
+                raise
+            status, signum = "interrupted", getattr(e, "signum", signal.SIGINT)
     eval_seconds = time.perf_counter() - t_eval
     metrics_path = out / "metrics.jsonl" if out is not None else None
     # the whole run's records (a resumed run's history holds only this session's)
@@ -258,7 +264,7 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
         "skipped_steps": int(training.skipped_steps(result.opt_state)),
         "non_finite_in_a_row": result.non_finite_run,
         "last_checkpoint": result.checkpoint_step,
-        "signal": signal.Signals(result.signum).name if result.signum else None,
+        "signal": signal.Signals(signum).name if signum else None,
         "num_params": int(sum(np.size(a) for a in jax.tree.leaves(params))),
         "steps_per_second": float(np.median(rates)) if rates else None,
         "train_data": {"name": ds.name, "train": len(ds.train), "validation": len(ds.validation),

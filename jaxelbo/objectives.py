@@ -94,6 +94,28 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
 
     Estimators: ``reparam``, ``stl`` (Roeder et al. 2017), ``score`` (leave-one-out
     baseline ``mean_{j != k} log w~_j`` when K > 1).
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_samples: K >= 1 draws per example (default 1).
+      estimator: ``reparam`` (default), ``stl`` or ``score``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b ELBO_K(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.elbo(lg.model(), lg.guide(), num_samples=4, estimator="stl")
+      >>> loss, aux = loss_fn(lg.optimal_params(jnp.zeros(2)), jax.random.key(0), jnp.ones((3, 2)))
+      >>> aux["log_weights"].shape
+      (3, 4)
     """
     k = check_count("num_samples", num_samples)
     return _objective("elbo", model, guide, estimator=estimator, sample_shape=(k,),
@@ -111,6 +133,31 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
     (biased for K > 1), ``dreg`` (``phi`` gets ``sum_k w_k^2 g_k``; Tucker et al. 2019,
     arXiv:1810.04152), ``score`` (leave-one-out IWAE_{K-1} baseline), ``vimco`` (Mnih &
     Rezende 2016, arXiv:1602.06725).
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_samples: K >= 1 importance samples per example.
+      estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score`` or ``vimco`` (the
+        last two also for discrete latents).
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b IWAE_K(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=16, estimator="dreg")
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, jax.random.key(0),
+      ...                                                                 jnp.ones((3, 2)))
+      >>> sorted(aux), sorted(grads)
+      (['bound', 'ess', 'khat', 'log_weights'], ['guide', 'model'])
     """
     k = check_count("num_samples", num_samples)
     return _objective("iwae", model, guide, estimator=estimator, sample_shape=(k,),
@@ -125,6 +172,22 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     .. math:: \\mathcal{L}_{M,K} = \\frac{1}{M} \\sum_m \\log \\frac{1}{K} \\sum_k \\tilde w_{m,k}
 
     ``dreg`` gives ``phi`` the mean of the M IWAE-DReG terms.
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_outer: M >= 1 independent groups per example.
+      num_inner: K >= 1 samples per group (M K draws per example in all).
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b MIWAE_{M,K}(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, M, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``ess`` is the mean over the M groups.
     """
     m = check_count("num_outer", num_outer)
     k = check_count("num_inner", num_inner)
@@ -139,6 +202,21 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
 
     The weights of sample k are ``c_k = beta/K + (1 - beta) w_k``; ``dreg`` applies only to
     the IWAE part: ``phi`` gets ``sum_k (beta/K + (1 - beta) w_k^2) g_k``.
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_samples: K >= 1 samples per example, shared by both terms.
+      beta: the ELBO's weight, in ``[0, 1]`` (0: IWAE, 1: the ELBO).
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b CIWAE_{K,beta}(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
     """
     k = check_count("num_samples", num_samples)
     beta = check_real("beta", beta)
@@ -171,6 +249,22 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     Numerics: ``phi``'s cotangents are ``theta``'s scaled by ``(w_mk / M) / W_mk``; a
     group whose share of the total weight underflows (below ``exp(-80)`` in float32)
     contributes nothing to ``phi``'s gradient.
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_outer: M >= 1 groups (``phi``'s MIWAE_{M,K}).
+      num_inner: K >= 1 samples per group.
+      estimator: ``reparam`` (default) or ``dreg``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b IWAE_{MK}(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, M, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``ess`` is the mean over the M groups.
     """
     m = check_count("num_outer", num_outer)
     k = check_count("num_inner", num_inner)
@@ -204,6 +298,21 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
     by dividing by zero). Both parameters get weights ``v = softmax((1 - alpha) log w~)``;
     ``dreg`` gives ``phi`` ``sum_k (alpha v_k + (1 - alpha) v_k^2) g_k``, from the same
     reparameterisation identity as IWAE-DReG (``alpha = 1`` reduces it to STL).
+
+    Args:
+      model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
+      guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
+      num_samples: K >= 1 samples per example.
+      alpha: the order, any finite float (0: IWAE, 1: the ELBO).
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b L_alpha(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
     """
     k = check_count("num_samples", num_samples)
     alpha = check_real("alpha", alpha)
@@ -243,6 +352,15 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
       num_samples: K.
       estimator: ``dreg`` (default) or ``score``.
       alpha: the wake-phi share of ``phi``'s update, in ``[0, 1]``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b IWAE_K(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      Its value is IWAE's; only ``phi``'s gradient differs.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je
@@ -326,6 +444,15 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repar
     Args:
       num_samples: K >= 2.
       estimator: ``reparam`` or ``dreg``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
+      ``params = {"model": theta, "guide": phi}`` (any pytrees, as the model and the guide
+      use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
+      leading axis B). ``loss`` is the scalar ``-mean_b J_K(x_b)`` and ``jax.grad`` of it
+      is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
+      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``bound`` is the jackknife estimate, not a lower bound.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je

@@ -2,8 +2,8 @@
 
 Run from a source checkout::
 
-    python benchmarks/throughput.py            # full run (several minutes on 2 CPU cores)
-    python benchmarks/throughput.py --fast     # smoke run
+    python benchmarks/throughput.py --out benchmarks/results   # full run (several minutes on 2 CPU cores)
+    python benchmarks/throughput.py --fast     # smoke run, into runs/bench
     jaxelbo bench --fast                       # the same code through the CLI
 
 What is measured (all in one process, contenders interleaved in a shuffled order on
@@ -37,8 +37,11 @@ warm-up excluded; ``block_until_ready``):
    compiled step on device-resident batches, in steps per second, at K in {1, 8, 64}
    (``benchmarks/training_loop.py``).
 
-Writes ``throughput-<device>.json`` and ``.md`` into ``benchmarks/results``
-(``--only-loop``: ``training-loop-<device>.json`` and ``.md``, section 5 alone).
+Writes ``throughput-<device>.json`` and ``.md`` into ``runs/bench`` under the current
+directory, or ``--out`` (``--out benchmarks/results`` refreshes the committed results;
+``--only-loop``: ``training-loop-<device>.json`` and ``.md``, section 5 alone). References
+that cannot run (PyTorch or TFP not installed, ``--no-references``, their estimator not
+selected) are listed in the output with the reason.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
 from jaxelbo import registry  # noqa: E402
+from jaxelbo.app import bench  # noqa: E402
 from jaxelbo.app.environment import describe  # noqa: E402
 
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
@@ -181,8 +185,13 @@ def selected_pairs(objectives: list[str] | None, estimators: list[str] | None) -
 
 
 def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, references: bool,
-                     log: Callable[[str], None], plain_model_row: bool = True) -> list[Contender]:
-    """Every contender at one K, references gradient-checked (failures are not timed)."""
+                     log: Callable[[str], None], plain_model_row: bool = True,
+                     skipped: dict[str, str] | None = None) -> list[Contender]:
+    """Every contender at one K, references gradient-checked (failures are not timed).
+
+    ``skipped`` receives ``{reference: why}`` for every reference that is not built.
+    """
+    skipped = {} if skipped is None else skipped
     batch_size = x.shape[0]
     out = []
     grads = {}
@@ -197,6 +206,8 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
     out.append(Contender("GEMM floor", "gemm-floor", None, None,
                          jax_step(jax.jit(burda.gemm_floor), floor_inputs)))
     if not references:
+        for name in REFERENCE_NAMES:
+            skipped[name] = "--no-references"
         return out
 
     def checked(contender: Contender, got, want, what: str) -> Contender:
@@ -208,7 +219,15 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
         return contender
 
     # jaxelbo with a hand-written per-example model (no flax) and the hand-batched model.
-    if plain_model_row:
+    for e in ("reparam", "dreg"):
+        if e not in grads:
+            for name in ("hand-batched JAX", "PyTorch"):
+                skipped[f"{name} iwae/{e}"] = f"needs iwae/{e} among the timed pairs (--objective, --estimator)"
+    if not plain_model_row:
+        skipped["jaxelbo with a plain-JAX model"] = "the model under test is already plain JAX (--model plain)"
+    elif "reparam" not in grads:
+        skipped["jaxelbo with a plain-JAX model"] = "needs iwae/reparam among the timed pairs"
+    if plain_model_row and "reparam" in grads:
         dict_model, dict_guide = burda.model_and_guide()
         fn = grad_of(je.iwae(dict_model, dict_guide, num_samples=num_samples, estimator="reparam"))
         out.append(checked(Contender("jaxelbo iwae/reparam, plain-JAX model", "jaxelbo-dict", "iwae",
@@ -225,7 +244,7 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
     try:
         from references import torch_ref
     except ImportError as e:
-        log(f"  torch not installed ({e}); skipping the PyTorch reference")
+        skipped["PyTorch"] = f"torch is not installed ({e}); pip install -e '.[bench]'"
     else:
         for estimator in ("reparam", "dreg"):
             if estimator not in grads:
@@ -239,8 +258,10 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
     from references import tfp_ref
     why = tfp_ref.available()
     if why is not None:
-        log(f"  tfp-nightly not importable ({why}); skipping the TFP reference")
-    elif "dreg" in grads:
+        skipped["TFP-JAX"] = f"tfp-nightly is not importable ({why}); pip install -e '.[bench]'"
+    elif "dreg" not in grads:
+        skipped["TFP-JAX"] = "needs iwae/dreg among the timed pairs (--objective, --estimator)"
+    else:
         fn = jax.jit(jax.grad(lambda p, r, x: tfp_ref.dreg_loss(p, r, x, num_samples=num_samples)))
         tfp_grads = fn(params, rng, x)
         tfp_eps = tfp_ref.noise(params, rng, x, num_samples=num_samples)
@@ -260,6 +281,7 @@ def build_contenders(model, guide, params, x, rng, *, num_samples: int, pairs, r
 # --------------------------------------------------------------------------------------
 
 
+REFERENCE_NAMES = ("jaxelbo with a plain-JAX model", "hand-batched JAX", "PyTorch", "TFP-JAX")
 COMPARISONS = (  # (numerator, denominator, what): paired ratios of two contenders' times
     ("jaxelbo iwae/reparam", "hand-batched JAX iwae/reparam", "per_example_over_hand"),
     ("jaxelbo iwae/dreg", "hand-batched JAX iwae/dreg", "per_example_over_hand"),
@@ -280,8 +302,9 @@ def burda_vae(cfg: dict):
     return vae.make(rng, burda.X_DIM)
 
 
-def bench_gradient_steps(cfg: dict, log, progress_factory) -> tuple[list[dict], list[dict]]:
-    """Sections 1 and 2: every contender at every K.
+def bench_gradient_steps(cfg: dict, log, progress_factory,
+                         skipped: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Sections 1 and 2: every contender at every K (``skipped``: see :func:`build_contenders`).
 
     Returns:
       ``(rows, comparisons)``: one row per contender and K (times, ratio to plain IWAE,
@@ -297,7 +320,7 @@ def bench_gradient_steps(cfg: dict, log, progress_factory) -> tuple[list[dict], 
         log(f"K = {k}: building and checking contenders")
         contenders = build_contenders(model, guide, params, x, rng, num_samples=k, pairs=pairs,
                                       references=cfg["references"], log=log,
-                                      plain_model_row=cfg["model"] == "flax")
+                                      plain_model_row=cfg["model"] == "flax", skipped=skipped)
         timed = {c.name: c.step for c in contenders if c.step is not None}
         bar = progress_factory(cfg["repetitions"], f"K = {k}: {len(timed)} contenders")
         cpu = {}
@@ -425,7 +448,7 @@ def _row(rows, k, name):
 
 
 def evaluate_targets(rows: list[dict], comparisons: list[dict], snr: dict | None) -> list[dict]:
-    """Every target of the brief, with the measured (paired) ratio and whether it is met."""
+    """Every performance target, with the measured (paired) ratio and whether it is met."""
     out = []
 
     def add(target, k, value, met):
@@ -533,6 +556,10 @@ def to_markdown(result: dict) -> str:
                          f"{g['max_rel_err']:.1e} | {'yes' if g['ok'] else 'NO'} |")
         notes = {r["grad_check"]["note"] for r in checks if "note" in r["grad_check"]}
         lines += [""] + [f"Note: {n}." for n in sorted(notes)] + [""]
+    skipped = result.get("skipped_references")
+    if skipped:
+        lines += ["## References not run", "", "| reference | why |", "|---|---|"]
+        lines += [f"| {s['reference']} | {s['why']} |" for s in skipped] + [""]
     comps = result.get("comparisons")
     if comps:
         lines += ["## Head to head (paired ratios of times, same run)", "",
@@ -599,13 +626,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         selected_pairs(cfg["objective"], cfg["estimator"])
+        out_dir = bench.output_dir(args.out)  # runs/bench under the current directory by default
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        out_dir = Path(args.out)
-    else:  # smoke runs go to the git-ignored runs/ so they never overwrite committed results
-        out_dir = _HERE.parent / "runs" / "bench" if cfg["fast"] else _HERE / "results"
     show = not args.no_progress
 
     def log(msg: str) -> None:
@@ -626,8 +650,12 @@ def run(args: argparse.Namespace) -> int:
               "load_average_start": load_start}
     result["config"]["data"] = "random binary (i.i.d. Bernoulli(1/2) pixels), 784 dims"
     only_loop = bool(getattr(args, "only_loop", False))
+    skipped: dict[str, str] = {}
     result["gradient_steps"], result["comparisons"] = (
-        ([], []) if args.no_steps or only_loop else bench_gradient_steps(cfg, log, progress_factory))
+        ([], []) if args.no_steps or only_loop else bench_gradient_steps(cfg, log, progress_factory, skipped))
+    result["skipped_references"] = [{"reference": name, "why": why} for name, why in skipped.items()]
+    for name, why in skipped.items():  # always said, progress bar or not
+        print(f"bench: skipped the {name} reference: {why}", file=sys.stderr)
     result["log_likelihood"] = (None if args.no_log_likelihood or only_loop
                                 else bench_log_likelihood(cfg, log))
     result["snr_sweep"] = None if args.no_snr or only_loop else bench_snr_sweep(cfg, log)
@@ -650,8 +678,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxelbo.app.commands import bench
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,16 +1,20 @@
-"""The throughput benchmark's harness (toy sizes) and its references' gradients."""
+"""The throughput benchmark's harness (toy sizes), its references' gradients, and ``jaxelbo bench``:
+where it writes, what it refuses, and what it says it skipped."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import jaxelbo as je
-from jaxelbo.app.commands import bench
+from jaxelbo.app import bench
 
 throughput = bench.load_throughput_module()
 from references import burda  # noqa: E402  (put on sys.path by the throughput module)
@@ -49,6 +53,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert ref["ratio_to_iwae"] == 1.0
     assert result["environment"]["versions"]["jax"] == jax.__version__
     assert "Ratio to plain IWAE" in md and "GEMM floor" in md
+    # --no-references: every reference is listed as skipped, with the reason, in the JSON and the markdown
+    assert {s["reference"] for s in result["skipped_references"]} == set(throughput.REFERENCE_NAMES)
+    assert all(s["why"] == "--no-references" for s in result["skipped_references"])
+    assert "References not run" in md and "| PyTorch | --no-references |" in md
 
 
 @pytest.mark.slow
@@ -88,6 +96,50 @@ def test_bad_objective_is_rejected_with_choices(tmp_path, capsys):
     assert throughput.run(_args(tmp_path, "--objective", "iwea")) == 2
     err = capsys.readouterr().err
     assert "iwea" in err and "iwae" in err
+
+
+def test_unsupported_pair_is_refused_as_train_refuses_it(tmp_path, capsys):
+    from jaxelbo.app import cli
+
+    wording = "objective 'elbo' does not support estimator 'dreg'; valid choices for elbo: reparam, stl, score"
+    assert cli.main(["bench", "--objective", "elbo", "--estimator", "dreg", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and wording in err
+    assert throughput.run(_args(tmp_path, "--objective", "elbo", "--estimator", "dreg")) == 2
+    assert wording in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_default_output_is_runs_bench_under_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.output_dir(None) == tmp_path / "runs" / "bench"
+    assert bench.output_dir("elsewhere") == Path("elsewhere")
+    package = Path(je.__file__).parent
+    with pytest.raises(ValueError, match="inside the jaxelbo package"):
+        bench.output_dir(package / "results")
+
+
+def test_skipped_references_say_why(vae_setup):
+    model, guide, params, x, rng = vae_setup
+    skipped = {}
+    throughput.build_contenders(model, guide, params, x, rng, num_samples=2, pairs=[("iwae", "reparam")],
+                                references=True, log=lambda msg: None, plain_model_row=False, skipped=skipped)
+    assert skipped["hand-batched JAX iwae/dreg"].startswith("needs iwae/dreg among the timed pairs")
+    assert "--model plain" in skipped["jaxelbo with a plain-JAX model"]
+    assert "iwae/dreg" in skipped["TFP-JAX"] or "tfp-nightly" in skipped["TFP-JAX"]
+
+
+def test_bench_without_a_source_checkout_says_so_in_one_line(tmp_path):
+    """From an installed package (no benchmarks/ beside it, none in the cwd): one line, exit 2."""
+    script = (
+        "import sys; from pathlib import Path; from jaxelbo.app import bench, cli\n"
+        "bench._PACKAGE = Path(sys.argv[1]) / 'site-packages' / 'jaxelbo'\n"
+        "sys.exit(cli.main(['bench', '--fast']))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "needs a source checkout" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_parser_knows_bench():

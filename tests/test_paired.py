@@ -64,7 +64,7 @@ def test_paired_bias_test_eager_equals_jit():
     b = je.iwae(MODEL, GUIDE, num_samples=8, estimator="reparam")
 
     def run(params):
-        return je.paired_bias_test(a, b, params, jax.random.key(0), X, num_replicates=64)
+        return je.paired_bias_test(a, b, params, jax.random.key(0), X, num_replicates=16)
 
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-3), run(PARAMS),
                  jax.jit(run)(PARAMS))

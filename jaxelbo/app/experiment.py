@@ -8,6 +8,8 @@
 * :func:`train_and_evaluate`: trains, evaluates on the test set and writes every output
   (``config.json``, ``metrics.jsonl``, checkpoints, ``summary.json``, figures) into ``out``.
 
+* :func:`evaluate_run`: re-evaluates a saved run's checkpoint (``jaxelbo evaluate``).
+
 ``jaxelbo train`` (:mod:`jaxelbo.app.commands.train`) parses flags and calls these;
 ``jaxelbo evaluate`` and ``benchmarks/train_table.py`` use them too.
 """
@@ -300,3 +302,70 @@ def format_summary(summary: dict) -> str:
              f"train {summary['wall_seconds']['train']:.1f} s"]
     return ", ".join(p for p in parts if p)
 
+
+
+def read_run_config(cfg_path: Path):
+    """``(config, settings, vae)`` from a run's ``config.json``.
+
+    Raises:
+      ValueError: one line naming the file if it is not JSON or not a run's configuration.
+    """
+    from jaxelbo.models import vae
+
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        settings = cfg["settings"]
+        for key in ("dataset", "data_dir", "validation_size", "learning_rate", "guide_learning_rate", "seed",
+                    "binarization"):
+            settings[key]  # noqa: B018 - a KeyError names what is missing
+        net = vae.rebuild(cfg["vae"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ValueError(f"{cfg_path} is not a valid jaxelbo run configuration ({what})") from None
+    return cfg, settings, net
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", step: int | None = None,
+                 data_dir: str | None = None, seed: int | None = None, num_samples: int = 5000,
+                 chunk_size: int = 500, num_points: int | None = None, surgery: bool = True,
+                 progress: bool = True) -> dict:
+    """Re-evaluate the checkpoint of a ``jaxelbo train`` run: what ``jaxelbo evaluate`` writes.
+
+    Rebuilds the VAE from ``run_dir/config.json``, restores checkpoint ``step`` (default: the
+    last) and evaluates it on ``split`` (the first ``num_points`` images) with
+    :func:`jaxelbo.app.evaluation.evaluate`.
+
+    Returns:
+      ``{"run_dir", "step", "split", <split>: results, "wall_seconds", **environment()}``.
+
+    Raises:
+      FileNotFoundError, ValueError: one line naming the file or setting at fault.
+    """
+    import jax
+
+    from jaxelbo.app import checkpoint, data, evaluation, training
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found (is {run_dir} a jaxelbo train output?)")
+    cfg, settings, net = read_run_config(cfg_path)
+    ds = data.load(settings["dataset"], data_dir or settings["data_dir"], validation_size=settings["validation_size"])
+    if ds.data_dim != net.config.get("data_dim", ds.data_dim):
+        raise ValueError(f"{cfg_path} describes a model of {net.config['data_dim']} pixels but "
+                         f"{ds.name} has {ds.data_dim}")
+    optimizer = training.make_optimizer(settings["learning_rate"], guide_learning_rate=settings["guide_learning_rate"])
+    step, params, _, _ = checkpoint.restore(run_dir / "checkpoints", net.params, optimizer.init(net.params),
+                                            step=step if step is not None else
+                                            checkpoint.latest_step(run_dir / "checkpoints"))
+    if not len(getattr(ds, split)):
+        raise ValueError(f"the {split} split of {run_dir} is empty (validation_size "
+                         f"{settings['validation_size']}); nothing to evaluate")
+    seed = settings["seed"] if seed is None else seed
+    t0 = time.perf_counter()
+    x = data.evaluation_split(ds, split, settings["binarization"])[:num_points]
+    result = evaluation.evaluate(net.model, net.guide, params, jax.random.key(seed + 10_000), x,
+                                 posterior_means=net.posterior_means, num_samples_ll=num_samples,
+                                 chunk_size=chunk_size, surgery=surgery, progress=progress)
+    return {"run_dir": str(run_dir), "step": step, "split": split, split: result,
+            "wall_seconds": time.perf_counter() - t0, **environment()}

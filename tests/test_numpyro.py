@@ -18,7 +18,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
-from jaxelbo.numpyro import constrained_params, from_numpyro  # noqa: E402
+from jaxelbo.numpyro import constrained_params, from_numpyro, unconstrained_params  # noqa: E402
 
 D = 2
 MU = jnp.array([0.3, -0.5])
@@ -84,8 +84,14 @@ def test_sites_map_to_log_prior_log_likelihood_and_log_prob():
     flat = constrained_params(params, model, guide, X[0])
     np.testing.assert_allclose(flat["s"], math.sqrt(0.5), rtol=1e-6)
     np.testing.assert_allclose(flat["mu"], MU)
+    back = unconstrained_params({**flat, "s": 2.0}, model, guide, X[0])
+    np.testing.assert_allclose(back["guide"]["s"], math.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(back["model"]["mu"], MU)
+    with pytest.raises(ValueError, match=r"no entry for the guide parameters \['a'\]"):
+        unconstrained_params({k: v for k, v in flat.items() if k != "a"}, model, guide, X[0])
 
 
+@pytest.mark.slow  # ~3 s: K = 5000 compiled
 def test_log_likelihood_matches_the_closed_form():
     exact = jax.vmap(lambda x: normal_logpdf(x, MU, 2.0))(X)
     m, g, params = from_numpyro(model, guide, jax.random.key(0), X[0])
@@ -136,6 +142,7 @@ def regression_known_noise(xs, ys):
     numpyro.sample("y", dist.Normal(xs @ w, 0.5).to_event(1), obs=ys)
 
 
+@pytest.mark.slow  # ~5 s
 def test_autonormal_elbo_matches_the_closed_form():
     """AutoNormal on a regression with known noise: the Gaussian ELBO is analytic."""
     xs, ys = regression_data()
@@ -220,6 +227,7 @@ def test_dreg_and_reparam_gradients_agree_paired():
     assert float(biased.max_abs_t) > 6.0, biased.t
 
 
+@pytest.mark.slow  # ~8 s: five compiled gradients
 def test_pytree_z_through_every_estimator():
     """z is a dict of sites: every IWAE estimator returns the same bound on the same key, finite gradients."""
     m, g, params = from_numpyro(model, off_guide, jax.random.key(0), X[0])
@@ -248,6 +256,7 @@ def mixture_guide(x):
     numpyro.sample("c", dist.Categorical(logits=w * x + b))
 
 
+@pytest.mark.slow  # ~5 s: three traced gradients
 def test_pathwise_estimators_refuse_a_discrete_guide():
     m, g, params = from_numpyro(mixture, mixture_guide, jax.random.key(0), jnp.zeros(()))
     for estimator in ("reparam", "stl", "dreg"):

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # ~10 s: the snippet trains 200 compiled steps
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 

@@ -15,7 +15,8 @@ latents, and the rest. How the pieces map:
   sums the log-densities of its sites;
 - every ``numpyro.param`` travels *unconstrained* in ``params``, mapped to its constraint
   by NumPyro's own ``biject_to`` (as NumPyro's SVI does): ``params = {"model": {name: u},
-  "guide": {name: u}}``. :func:`constrained_params` maps them back.
+  "guide": {name: u}}``. :func:`constrained_params` maps them to NumPyro's values and
+  :func:`unconstrained_params` back.
 
 The batch ``x`` that the losses take is the example arguments with a leading batch axis
 B: an array when the model takes one argument, a tuple of arrays when it takes several.
@@ -71,7 +72,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from jaxelbo.types import Guide, Model, PyTree
 
-__all__ = ["constrained_params", "from_numpyro"]
+__all__ = ["constrained_params", "from_numpyro", "unconstrained_params"]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +189,33 @@ def constrained_params(params: dict, model_fn: Callable, guide_fn: Callable, *ex
     model_trace, guide_trace = _traces(model_fn, guide_fn, jax.random.key(0), example_args)
     return {**_constrain(params["model"], _param_transforms(model_trace)),
             **_constrain(params["guide"], _param_transforms(guide_trace))}
+
+
+def unconstrained_params(values: dict, model_fn: Callable, guide_fn: Callable, *example_args: Any) -> dict:
+    """The inverse of :func:`constrained_params`: NumPyro's parameter values in jaxelbo's layout.
+
+    Takes a flat dict of constrained values (e.g. ``svi.get_params(svi_state)`` from a NumPyro
+    SVI run of the same model and guide, written for a batch inside a plate) and returns
+    ``{"model": {name: u}, "guide": {name: u}}`` as :func:`from_numpyro` lays it out, so a
+    NumPyro-trained guide can be scored with jaxelbo's bounds and diagnostics, or training can
+    continue with another estimator.
+
+    Args:
+      values: ``{name: constrained value}`` for every parameter of the model and the guide.
+      model_fn, guide_fn, example_args: as given to :func:`from_numpyro`.
+
+    Returns:
+      ``{"model": {name: u}, "guide": {name: u}}``, with ``u = biject_to(constraint).inv(value)``.
+    """
+    model_trace, guide_trace = _traces(model_fn, guide_fn, jax.random.key(0), example_args)
+    out = {}
+    for group, trace in (("model", model_trace), ("guide", guide_trace)):
+        transforms = _param_transforms(trace)
+        missing = sorted(set(transforms) - set(values))
+        if missing:
+            raise ValueError(f"values has no entry for the {group} parameters {missing}")
+        out[group] = {name: _apply(t.inv, jnp.asarray(values[name])) for name, t in transforms.items()}
+    return out
 
 
 # --------------------------------------------------------------------------------------

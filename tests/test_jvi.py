@@ -277,3 +277,17 @@ def test_cli_trains_jvi_and_rws_alpha_and_reports_khat(tmp_path, capsys):
         assert "k-hat > 0.7 on" in capsys.readouterr().out
         assert main([*common, "--objective", "rws", "--alpha", "1.5", "--out", str(tmp_path / "rws")]) == 2
     assert "alpha must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_snr_sweep_accepts_jvi_dreg_and_dreg_alpha():
+    from jaxelbo.app import rainforth
+
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):  # the sweep engine is not strict
+        result = rainforth.rainforth_experiment(estimators=("dreg", "jvi-dreg", "dreg-alpha"), k_grid=(1, 2, 4),
+                                                m_grid=(1, 2), num_replicates=32, dim=3, num_points=8, fit_min=2)
+    assert [r.num_samples for r in result.k_sweep] == [2, 4]                 # K = 1 left out for JVI
+    assert set(result.k_sweep[0].estimators) == {"dreg", "jvi-dreg", "dreg-alpha"}
+    assert set(result.m_sweep[0].estimators) == {"dreg"}                      # no M x K form of JVI / RWS
+    assert any("K = 1 left out" in n for n in result.notes)
+    with pytest.raises(ValueError, match="valid choices"):
+        rainforth.rainforth_experiment(estimators=("vimco",), k_grid=(2,), m_grid=(1,), num_replicates=4)

@@ -40,6 +40,12 @@ from jaxelbo.models import linear_gaussian as lg
 # ----------------------------------------------------------------------------- constants
 
 ESTIMATORS = ("reparam", "stl", "dreg")
+#: further K-sweep estimators, each about its own objective's gradient: JVI-DReG (``je.jvi``,
+#: K >= 2) and DReG(alpha) with Tucker et al.'s alpha = 0.9 (``je.rws(alpha=0.9)``). They have
+#: no M x K form, so the M sweep runs only the IWAE estimators among those chosen.
+FRONTIER_ESTIMATORS = ("jvi-dreg", "dreg-alpha")
+SWEEP_ESTIMATORS = ESTIMATORS + FRONTIER_ESTIMATORS
+DREG_ALPHA = 0.9
 DEFAULT_K_GRID = (1, 2, 3, 6, 10, 18, 32, 56, 100, 178, 316, 562, 1000)
 DEFAULT_M_GRID = (1, 2, 3, 6, 10, 18, 32, 56, 100)
 DEFAULT_NUM_INNER = 10
@@ -49,9 +55,11 @@ DEFAULT_NUM_REPLICATES = 10_000
 FAST = {"num_replicates": 1000, "max_num_samples": 316, "max_num_outer": 32}
 CONFIDENCE = 0.95
 AXES = {"num_samples": "K", "num_outer": "M"}
-LABELS = {"reparam": "IWAE (reparam)", "stl": "STL", "dreg": "DReG"}
-COLORS = {"reparam": "tab:red", "stl": "tab:blue", "dreg": "tab:green"}
-MARKERS = {"reparam": "o", "stl": "s", "dreg": "^"}
+LABELS = {"reparam": "IWAE (reparam)", "stl": "STL", "dreg": "DReG", "jvi-dreg": "JVI-DReG",
+          "dreg-alpha": f"DReG(alpha = {DREG_ALPHA})"}
+COLORS = {"reparam": "tab:red", "stl": "tab:blue", "dreg": "tab:green", "jvi-dreg": "tab:purple",
+          "dreg-alpha": "tab:orange"}
+MARKERS = {"reparam": "o", "stl": "s", "dreg": "^", "jvi-dreg": "D", "dreg-alpha": "v"}
 #: theory's slopes of log SNR, per (sweep axis, estimator, group); STL's phi slope in K is
 #: not predicted (it is biased)
 EXPECTED_SLOPES = {
@@ -385,8 +393,15 @@ def rainforth_experiment(
     """
     estimators = tuple(dict.fromkeys(estimators))
     for e in estimators:
-        if e not in ESTIMATORS:
-            raise ValueError(f"estimator {e!r} not supported by the SNR sweep; valid choices: {', '.join(ESTIMATORS)}")
+        if e not in SWEEP_ESTIMATORS:
+            raise ValueError(f"estimator {e!r} not supported by the SNR sweep; valid choices: "
+                             f"{', '.join(SWEEP_ESTIMATORS)}")
+    m_estimators = tuple(e for e in estimators if e in ESTIMATORS)
+    dropped = [k for k in k_grid if k < 2] if "jvi-dreg" in estimators else []
+    if dropped:
+        k_grid = [k for k in k_grid if k >= 2]
+        if not k_grid:
+            raise ValueError("jvi-dreg needs K >= 2 (the jackknife leaves one sample out); the K grid has none")
     problem = linear_gaussian_problem(jax.random.key(seed), dim=dim, num_points=num_points,
                                       batch_size=batch_size, noise=noise)
     layout = snr.param_layout(problem.params)
@@ -394,19 +409,28 @@ def rainforth_experiment(
     mean_reference = {"reparam": "dreg"} if {"reparam", "dreg"} <= set(estimators) else {}
     start = time.perf_counter()
 
+    def make_one(e, num_samples):
+        if e == "jvi-dreg":
+            return je.jvi(problem.model, problem.guide, num_samples=num_samples, estimator="dreg")
+        if e == "dreg-alpha":
+            return je.rws(problem.model, problem.guide, num_samples=num_samples, estimator="dreg", alpha=DREG_ALPHA)
+        return je.iwae(problem.model, problem.guide, num_samples=num_samples, estimator=e)
+
     def make_iwae(num_samples):
-        return {e: je.iwae(problem.model, problem.guide, num_samples=num_samples, estimator=e)
-                for e in estimators}
+        return {e: make_one(e, num_samples) for e in estimators}
 
     def make_miwae(num_outer):
         return {e: je.miwae(problem.model, problem.guide, num_outer=num_outer, num_inner=num_inner,
-                            estimator=e) for e in estimators}
+                            estimator=e) for e in m_estimators}
 
     common = dict(num_replicates=num_replicates, pairs=pairs, mean_reference=mean_reference,
                   chunk_size=chunk_size, mesh=mesh, memory_budget_bytes=memory_budget_bytes)
     rng = jax.random.key(seed + 1)
     sweeps = {}
     for i, (axis, make, grid) in enumerate((("num_samples", make_iwae, k_grid), ("num_outer", make_miwae, m_grid))):
+        if axis == "num_outer" and not m_estimators:
+            sweeps[axis] = []
+            continue
         report = None if progress is None else (lambda p, axis=axis: progress(axis, p.setting))
         points = snr.sweep(make, problem.params, jax.random.fold_in(rng, i), problem.x, grid=list(grid),
                            progress=report, **common)
@@ -414,8 +438,10 @@ def rainforth_experiment(
                         for p in points]
 
     notes: list[str] = []
+    if dropped:
+        notes.append(f"K sweep: K = {', '.join(map(str, dropped))} left out (jvi-dreg needs K >= 2)")
     slopes = {"num_samples": fit_slopes(sweeps["num_samples"], "num_samples", estimators, fit_min, notes),
-              "num_outer": fit_slopes(sweeps["num_outer"], "num_outer", estimators, 1, notes)}
+              "num_outer": fit_slopes(sweeps["num_outer"], "num_outer", m_estimators, 1, notes)}
     resolved_mesh = snr.replicate_mesh(mesh)
     settings = Settings(
         seed=seed, num_replicates=num_replicates, k_grid=list(k_grid), m_grid=list(m_grid), num_inner=num_inner,
@@ -628,7 +654,8 @@ def plot(result: Result, path: str | os.PathLike, axis: str = "num_samples") -> 
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.0), constrained_layout=True)
     panels = (("theta", r"model parameters $\theta$ ($\mu$)"), ("phi", r"guide parameters $\phi$ ($A$, $b$)"))
     for ax, (group, title) in zip(axes, panels, strict=True):
-        curves = {e: [r.estimators[e].snr[group].mean for r in records] for e in s.estimators}
+        curves = {e: [r.estimators[e].snr[group].mean for r in records] for e in s.estimators
+                  if records and all(e in r.estimators for r in records)}
         # the theta gradient is the same estimator for reparam, stl and dreg (paired keys): one line
         if group == "theta" and len(curves) > 1:
             first = next(iter(curves.values()))

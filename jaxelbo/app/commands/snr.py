@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest M of a geometric grid from 1 (instead of --m-grid)")
     parser.add_argument("--num-inner", type=int, default=rainforth.DEFAULT_NUM_INNER,
                         help=f"K held fixed in the M sweep (default {rainforth.DEFAULT_NUM_INNER})")
-    parser.add_argument("--estimator", action="append", choices=rainforth.ESTIMATORS, default=None,
-                        help="estimator to sweep; repeat the flag for several (default: all three)")
+    parser.add_argument("--estimator", action="append", choices=rainforth.SWEEP_ESTIMATORS, default=None,
+                        help="estimator to sweep; repeat the flag for several (default: reparam, stl and dreg "
+                        "of IWAE; jvi-dreg is JVI-DReG and dreg-alpha RWS's DReG(alpha = 0.9), K sweep only)")
     parser.add_argument("--dim", type=int, default=20, help="latent and data dimension D (default 20)")
     parser.add_argument("--num-points", type=int, default=1024, help="data set size N (default 1024)")
     parser.add_argument("--batch-size", type=int, default=1,

@@ -180,8 +180,10 @@ def markdown(result: dict) -> str:
                      + f" | {per_layer} | {row['train_seconds']['mean']:.0f} | {row['steps_per_second']['mean']:.1f} |")
     checks = orderings(result["rows"])
     if checks:
-        lines += ["", "Orderings reported by Burda et al. (2016) and Tucker et al. (2019), checked here (not forced):",
-                  ""]
+        lines += ["", "Orderings reported by Burda et al. (2016) and Tucker et al. (2019), checked here (not forced). "
+                  "For log p(x): the difference and, as se, the two runs' standard errors over the test points added "
+                  "in quadrature: conservative, since both are evaluated on the same points, and blind to "
+                  "seed-to-seed variation" + (" (one training seed)." if len(s["seeds"]) == 1 else "."), ""]
         for c in checks:
             se = f" (se {c['se']:.2f})" if c["se"] is not None else ""
             diff = f"{c['difference']:+.2f}{se}" if c["se"] is not None else f"{c['a']:.0f} vs {c['b']:.0f}"

@@ -56,6 +56,8 @@ def batch_size_of(x: PyTree) -> int:
         sizes.add(jnp.shape(leaf)[0])
     if len(sizes) != 1:
         raise ValueError(f"every leaf of x must share the leading batch axis, got sizes {sorted(sizes)}")
+    if 0 in sizes:
+        raise ValueError("x is an empty batch (leading axis B = 0); a batch needs at least one example")
     return sizes.pop()
 
 

@@ -661,3 +661,12 @@ def test_interrupt_during_the_final_evaluation_still_writes_the_summary(tmp_path
     _one_line_error(capsys, "interrupted by SIGINT at step 4; last checkpoint: step 4")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["test"] is None and summary["steps"] == 4
+
+
+def test_empty_batch_is_one_line_naming_x():
+    import jaxelbo as je
+
+    net = vae.build(jax.random.key(0), 64, hidden=(8,), latent_dim=2)
+    for objective in (je.iwae, je.elbo):
+        with pytest.raises(ValueError, match=r"x is an empty batch \(leading axis B = 0\)"):
+            objective(net.model, net.guide, num_samples=2)(net.params, jax.random.key(0), jnp.zeros((0, 64)))

@@ -3,9 +3,9 @@
 ``loss`` equals ``-mean_b bound_b`` in value whatever the estimator; ``jax.grad(loss)``
 is the chosen estimator of its gradient (see :mod:`jaxelbo.estimators`). ``aux`` holds
 ``bound`` ``(B,)``, ``log_weights`` ``(B, K)`` (``(B, M, K)`` for ``miwae``/``piwae``),
-``ess`` ``(B,)`` and ``khat`` ``(B,)``, the PSIS k-hat of each example's M K weights
-(:func:`jaxelbo.psis_khat`; ``nan`` below 25 samples; about 0.3% of a VAE step, and
-nothing when unused under ``jit``). Every factory validates its configuration when it is called, and
+``ess`` ``(B,)`` and, with at least 25 samples per example, ``khat`` ``(B,)``: the PSIS
+k-hat of each example's M K weights (:func:`jaxelbo.psis_khat`; about 0.3% of a VAE step,
+and nothing when unused under ``jit``). Every factory validates its configuration when it is called, and
 the shapes of the model, guide and batch when the loss is first traced.
 
 Example:
@@ -62,20 +62,15 @@ def _objective(name: str, model: Model, guide: Guide, *, estimator: str, sample_
         log_w = jax.lax.stop_gradient(log_w)
         ess = effective_sample_size(log_w, axis=-1)
         aux = {"bound": jax.lax.stop_gradient(surrogate), "log_weights": log_w,
-               "ess": ess.reshape(ess.shape[0], -1).mean(axis=-1), "khat": _khat(log_w)}
+               "ess": ess.reshape(ess.shape[0], -1).mean(axis=-1)}
+        flat = log_w.reshape(log_w.shape[0], -1)
+        if psis_tail_size(flat.shape[-1]) >= 5:  # PSIS fits a tail of at least 5 weights
+            aux["khat"] = psis_khat(flat)
         return -jnp.mean(surrogate), aux
 
     loss_fn.__name__ = f"{name}_{estimator}_loss"
     loss_fn.__doc__ = f"-mean {name} bound; gradient: {estimator} estimator. Returns (loss, aux)."
     return loss_fn
-
-
-def _khat(log_w: jax.Array) -> jax.Array:
-    """PSIS k-hat of each example's weights, all M K of them; ``nan`` when there are too few."""
-    flat = log_w.reshape(log_w.shape[0], -1)
-    if psis_tail_size(flat.shape[-1]) < 5:
-        return jnp.full(flat.shape[:1], jnp.nan, flat.dtype)
-    return psis_khat(flat)
 
 
 def _softmax(log_w: jax.Array) -> jax.Array:

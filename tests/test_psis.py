@@ -80,4 +80,4 @@ def test_every_objective_reports_khat_in_aux():
     np.testing.assert_allclose(aux["khat"], je.psis_khat(aux["log_weights"].reshape(2, -1)), rtol=1e-6)
     assert np.all(np.asarray(aux["khat"]) > 0.7)
     small = je.iwae(lg.model(), lg.guide(), num_samples=8)(params, jax.random.key(0), x)[1]
-    assert small["khat"].shape == (2,) and np.isnan(np.asarray(small["khat"])).all()
+    assert "khat" not in small  # fewer than 25 samples: no tail to fit

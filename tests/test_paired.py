@@ -107,3 +107,42 @@ def test_discrete_latents_work_with_score_function_estimators(objective, estimat
     loss_fn = getattr(je, objective)(DISCRETE_MODEL, DISCRETE_GUIDE, num_samples=4, estimator=estimator)
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.key(0), XD)[0]))(DISCRETE_PARAMS)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, jaxelbo as je
+from jaxelbo.diagnostics import _replicate_keys
+from jaxelbo.models import linear_gaussian as lg
+assert jax.device_count() == 4
+params = lg.optimal_params(jnp.zeros(3))
+params["guide"]["b"] = params["guide"]["b"] + 0.5
+x = jnp.ones((2, 3))
+a = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="dreg")
+b = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="stl")
+assert len(_replicate_keys(jax.random.key(0), 400).sharding.device_set) == 4
+test = jax.jit(lambda p: je.paired_bias_test(a, b, p, jax.random.key(0), x, num_replicates=400))(params)
+np.save("t.npy", np.concatenate([np.ravel(t) for t in jax.tree.leaves(test.t)]))
+"""
+
+
+@pytest.mark.multidevice
+def test_paired_bias_test_sharded_over_four_devices_equals_one(tmp_path):
+    """The replicates are sharded over the devices; the statistics do not change."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sharded.py").write_text(SHARDED)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "sharded.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = lg.optimal_params(jnp.zeros(3))
+    params["guide"]["b"] = params["guide"]["b"] + 0.5
+    a = je.iwae(MODEL, GUIDE, num_samples=4, estimator="dreg")
+    b = je.iwae(MODEL, GUIDE, num_samples=4, estimator="stl")
+    one = jax.jit(lambda p: je.paired_bias_test(a, b, p, jax.random.key(0), jnp.ones((2, 3)),
+                                                num_replicates=400))(params)
+    flat = np.concatenate([np.ravel(t) for t in jax.tree.leaves(one.t)])
+    np.testing.assert_allclose(np.load(tmp_path / "t.npy"), flat, rtol=1e-3, atol=1e-3)

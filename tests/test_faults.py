@@ -575,7 +575,9 @@ def test_sigkill_and_sigint_at_random_moments_lose_nothing(reference, tmp_path):
         proc = _start(out, "--resume")
         _wait_for(lambda p=proc: (out / ".lock").exists() and (out / ".lock").read_text() == str(p.pid), proc)
         resumed_from = checkpoint.latest_step(out / "checkpoints") or 0
-        _wait_for(lambda c=resumed_from: _last_step(out) > c, proc)
+        inode = (out / "metrics.jsonl").stat().st_ino  # the loop rewrites the file when it resumes
+        _wait_for(lambda c=resumed_from, i=inode: (out / "metrics.jsonl").stat().st_ino != i
+                  and _last_step(out) > c, proc)
         proc.send_signal(signum)
         code, _, err = _finish(proc)
         if signum == signal.SIGINT:  # Ctrl-C: the reached step saved, one line, no traceback

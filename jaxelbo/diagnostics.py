@@ -142,7 +142,7 @@ def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: dict, rng: jax.Arra
     key (the same latent noise), so the difference ``d_r = g_a - g_b`` cancels most of the
     noise they share; under ``E[d] = 0`` each element's
 
-    .. math:: t = rac{ar d}{s_d / \sqrt{R}}
+    .. math:: t = \frac{\bar d}{s_d / \sqrt{R}}
 
     is approximately standard normal, ``rms_t`` is about 1 and ``|t| > 4`` is rare
     (``p ~ 6e-5`` per element). A bias shows up as ``|t|`` growing like ``sqrt(R)``.

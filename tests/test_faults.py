@@ -349,6 +349,7 @@ def test_evaluate_refuses_a_mismatched_or_damaged_checkpoint_in_one_line(state, 
                 "guide_learning_rate": None, "seed": 0, "binarization": "dynamic"}
     config = {"settings": settings, "vae": {"data_dim": 64, "hidden": [8], "latent_dim": 3}}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    checkpoint.save(tmp_path / "checkpoints", 5, params, opt_state)
     checkpoint.save(tmp_path / "checkpoints", 7, params, opt_state)
     assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10", "--no-surgery"]) == 2
     _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"), "another model")
@@ -356,7 +357,7 @@ def test_evaluate_refuses_a_mismatched_or_damaged_checkpoint_in_one_line(state, 
     (tmp_path / "config.json").write_text(json.dumps(config))
     _scribble_biggest(tmp_path / "checkpoints" / "7")
     assert main(["evaluate", str(tmp_path), "--eval-num-samples", "10", "--no-surgery"]) == 2
-    _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"))
+    _one_line_error(capsys, str(tmp_path / "checkpoints" / "7"), "other checkpoints: steps 5 (pass --step)")
     assert not (tmp_path / "evaluation.json").exists()
 
 

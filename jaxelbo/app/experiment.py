@@ -355,9 +355,15 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", step: int | None =
         raise ValueError(f"{cfg_path} describes a model of {net.config['data_dim']} pixels but "
                          f"{ds.name} has {ds.data_dim}")
     optimizer = training.make_optimizer(settings["learning_rate"], guide_learning_rate=settings["guide_learning_rate"])
-    step, params, _, _ = checkpoint.restore(run_dir / "checkpoints", net.params, optimizer.init(net.params),
-                                            step=step if step is not None else
-                                            checkpoint.latest_step(run_dir / "checkpoints"))
+    ckpt_dir = run_dir / "checkpoints"
+    chosen = step if step is not None else checkpoint.latest_step(ckpt_dir)
+    try:
+        step, params, _, _ = checkpoint.restore(ckpt_dir, net.params, optimizer.init(net.params), step=chosen)
+    except checkpoint.CheckpointError as e:  # refused, never a silent fallback: name the alternatives
+        others = [s for s in checkpoint.steps(ckpt_dir) if s != chosen]
+        raise checkpoint.CheckpointError(
+            f"{e}" + (f"; other checkpoints: steps {', '.join(map(str, others))} (pass --step)" if others else "")
+        ) from None
     if not len(getattr(ds, split)):
         raise ValueError(f"the {split} split of {run_dir} is empty (validation_size "
                          f"{settings['validation_size']}); nothing to evaluate")

@@ -102,7 +102,7 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b ELBO_K(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je
@@ -142,12 +142,12 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b IWAE_K(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, for K >= 25, ``khat`` ``(B,)``, all without gradients.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je
       >>> lg = je.models.linear_gaussian
-      >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=16, estimator="dreg")
+      >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=32, estimator="dreg")
       >>> params = lg.optimal_params(jnp.zeros(2))
       >>> (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, jax.random.key(0),
       ...                                                                 jnp.ones((3, 2)))
@@ -181,7 +181,7 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b MIWAE_{M,K}(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, M, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, M, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
       ``ess`` is the mean over the M groups.
     """
     m = check_count("num_outer", num_outer)
@@ -211,7 +211,7 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b CIWAE_{K,beta}(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
     """
     k = check_count("num_samples", num_samples)
     beta = check_real("beta", beta)
@@ -258,7 +258,7 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b IWAE_{MK}(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, M, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, M, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
       ``ess`` is the mean over the M groups.
     """
     m = check_count("num_outer", num_outer)
@@ -307,7 +307,7 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b L_alpha(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
     """
     k = check_count("num_samples", num_samples)
     alpha = check_real("alpha", alpha)
@@ -354,7 +354,7 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b IWAE_K(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
       Its value is IWAE's; only ``phi``'s gradient differs.
 
     Example:
@@ -446,7 +446,7 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repar
       use them), a PRNG key ``rng`` and a batch ``x`` (a pytree whose leaves share a
       leading axis B). ``loss`` is the scalar ``-mean_b J_K(x_b)`` and ``jax.grad`` of it
       is the chosen estimator; ``aux`` holds ``bound`` ``(B,)``, ``log_weights``
-      ``(B, K)``, ``ess`` ``(B,)`` and ``khat`` ``(B,)``, all without gradients.
+      ``(B, K)``, ``ess`` ``(B,)`` and, with >= 25 samples, ``khat`` ``(B,)``, all without gradients.
       ``bound`` is the jackknife estimate, not a lower bound.
 
     Example:

@@ -79,7 +79,7 @@ from jaxelbo.app.environment import describe  # noqa: E402
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
 DEFAULTS = {"num_samples": [1, 8, 64, 512], "batch_size": 64, "repetitions": 20,
             "ll_num_samples": 5000, "ll_num_points": 1000, "ll_chunk_sizes": [50, 500],
-            "num_replicates": 1000, "loop_num_samples": [1, 8, 64], "loop_seconds": 1.0, "loop_repetitions": 7}
+            "num_replicates": 1000, "loop_num_samples": [1, 8, 64], "loop_seconds": 1.0, "loop_repetitions": 9}
 FAST = {"num_samples": [1, 8], "batch_size": 16, "repetitions": 3,
         "ll_num_samples": 500, "ll_num_points": 100, "ll_chunk_sizes": [50, 250],
         "num_replicates": 100, "loop_num_samples": [1, 8], "loop_seconds": 0.2, "loop_repetitions": 3}

@@ -573,12 +573,11 @@ def test_sigkill_and_sigint_at_random_moments_lose_nothing(reference, tmp_path):
     proc.kill()
     _finish(proc)
     for signum in (signal.SIGINT, signal.SIGKILL):  # mid-run: once the resumed run has logged a new step
-        proc = _start(out, "--resume")
-        _wait_for(lambda p=proc: (out / ".lock").exists() and (out / ".lock").read_text() == str(p.pid), proc)
         resumed_from = checkpoint.latest_step(out / "checkpoints") or 0
-        inode = (out / "metrics.jsonl").stat().st_ino  # the loop rewrites the file when it resumes
-        _wait_for(lambda c=resumed_from, i=inode: (out / "metrics.jsonl").stat().st_ino != i
-                  and _last_step(out) > c, proc)
+        inode = (out / "metrics.jsonl").stat().st_ino  # the resumed loop rewrites the file first
+        proc = _start(out, "--resume")
+        _wait_for(lambda c=resumed_from, i=inode: (out / "metrics.jsonl").exists()
+                  and (out / "metrics.jsonl").stat().st_ino != i and _last_step(out) > c, proc)
         proc.send_signal(signum)
         code, _, err = _finish(proc)
         if signum == signal.SIGINT:  # Ctrl-C: the reached step saved, one line, no traceback

@@ -179,9 +179,8 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
         except ValueError:
             lock.discard()
             raise
-        (out / "config.json").write_text(json.dumps({"settings": settings, "objective": objective,
-                                                     "vae": net.config,
-                                                     "image_shape": list(ds.image_shape)}, indent=1))
+        rundir.write_json_atomic(out / "config.json", {"settings": settings, "objective": objective,
+                                                        "vae": net.config, "image_shape": list(ds.image_shape)})
     try:
         return _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, resume=resume, progress=progress,
                                    plots=plots, cache=cache, t_start=t_start)
@@ -286,7 +285,9 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
                                     title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
                                           f"K={settings['num_samples']}")
             summary["wall_seconds"]["plots"] = time.perf_counter() - t0
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        from jaxelbo.app import rundir
+
+        rundir.write_json_atomic(out / "summary.json", summary)
     return summary
 
 

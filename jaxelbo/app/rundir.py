@@ -137,3 +137,21 @@ def prepare(out: str | Path, *, resume: bool, overwrite: bool, flag: str = "--ou
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` so that a reader (or a SIGKILL) never sees a partial file.
+
+    The text goes to a temporary sibling, is flushed to disk, and replaces ``path`` in one
+    ``os.replace``: the file holds either its old content or the new one, never an empty or
+    truncated one.
+    """
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

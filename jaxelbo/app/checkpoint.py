@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxelbo.app import rundir
+
 MANIFEST = "checksums.json"
 _FORMAT = 1
 _TMP_PREFIX = "tmp-"
@@ -199,12 +201,7 @@ def save(directory: str | Path, step: int, params: Any, opt_state: Any, *, keep:
     if not main:
         return final
     manifest = {"format": _FORMAT, "step": int(step), "arrays": expected, "meta": meta or {}}
-    part = tmp / (MANIFEST + ".part")
-    with open(part, "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, tmp / MANIFEST)
+    rundir.write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():  # the same step written again: swap, never leaving no copy
         old = directory / f"{int(step)}.old"
         os.rename(final, old)

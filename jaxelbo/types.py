@@ -28,10 +28,15 @@ class Model(NamedTuple):
       log_prior: ``(theta, z) -> scalar``, ``log p_theta(z)`` for one latent.
       log_likelihood: ``(theta, x, z) -> scalar``, ``log p_theta(x | z)`` for one
         example and one latent.
+      sample: optional ``(theta, rng) -> (z, x)``, one ancestral draw from
+        ``p_theta(z, x)``. Needed only by what simulates from the model: sleep-phi in
+        :func:`jaxelbo.rws` and bidirectional Monte Carlo. Models built with two fields
+        leave it ``None``.
     """
 
     log_prior: Callable[[PyTree, PyTree], jax.Array]
     log_likelihood: Callable[[PyTree, PyTree, PyTree], jax.Array]
+    sample: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]] | None = None
 
 
 class Guide(NamedTuple):

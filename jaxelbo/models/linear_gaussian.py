@@ -34,9 +34,14 @@ def _normal_logpdf(v: jax.Array, mean: jax.Array, var) -> jax.Array:
 
 
 def model() -> Model:
-    """``p(z) = N(mu, I)``, ``p(x | z) = N(z, I)``; ``theta = {"mu": (D,)}``."""
+    """``p(z) = N(mu, I)``, ``p(x | z) = N(z, I)``; ``theta = {"mu": (D,)}``, with ancestral ``sample``."""
+    def sample(theta, rng):
+        rng_z, rng_x = jax.random.split(rng)
+        z = theta["mu"] + jax.random.normal(rng_z, jnp.shape(theta["mu"]))
+        return z, z + jax.random.normal(rng_x, jnp.shape(z))
+
     return Model(log_prior=lambda theta, z: _normal_logpdf(z, theta["mu"], 1.0),
-                 log_likelihood=lambda theta, x, z: _normal_logpdf(x, z, 1.0))
+                 log_likelihood=lambda theta, x, z: _normal_logpdf(x, z, 1.0), sample=sample)
 
 
 def guide_mean_scale(phi: dict, x: jax.Array, scale: float | None = None) -> tuple[jax.Array, jax.Array]:

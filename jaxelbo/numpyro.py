@@ -57,6 +57,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -125,10 +126,12 @@ def _sum(terms: list[jax.Array]) -> jax.Array:
     return sum(terms, start=jnp.zeros((), jax.dtypes.canonicalize_dtype(jnp.float64)))
 
 
-def _substitution(params: dict, z: dict, skip_delta: bool = False) -> Callable:
+def _substitution(params: dict, z: dict, skip_delta: bool = False, params_too: bool = True) -> Callable:
     """Values for ``param`` sites from ``params`` and for latent sites from ``z``."""
     def fn(msg: dict):
         if msg["type"] == "param":
+            if not params_too:
+                return None
             return params.get(msg["name"])
         if msg["type"] == "sample" and not msg["is_observed"]:
             if skip_delta and _is_delta(msg["fn"]):
@@ -158,20 +161,75 @@ def _constrain(unconstrained: dict, transforms: dict) -> dict:
     return {name: _apply(transforms[name], u) for name, u in unconstrained.items()}
 
 
-def _unconstrain(trace: dict, transforms: dict) -> dict:
-    def strong(a):  # a Python-float init value would give a weakly typed array
-        a = jnp.asarray(a)
-        return jnp.array(a, dtype=a.dtype)
+def _strong(a: Any) -> jax.Array:
+    """An array with a fixed dtype (a Python-float init value would give a weakly typed one)."""
+    a = jnp.asarray(a)
+    return jnp.array(a, dtype=a.dtype)
 
-    return {name: _apply(lambda v, t=transforms[name]: strong(t.inv(strong(v))), trace[name]["value"])
-            for name in transforms}
+
+def _unconstrain_value(transform: Any, value: PyTree) -> PyTree:
+    """``transform.inv`` leaf by leaf: a parameter may be any pytree (``numpyro.module``'s are)."""
+    return _apply(lambda v: _strong(transform.inv(_strong(v))), value)
+
+
+def _unconstrain(trace: dict, transforms: dict) -> dict:
+    return {name: _unconstrain_value(transforms[name], trace[name]["value"]) for name in transforms}
 
 
 def _traces(model_fn: Callable, guide_fn: Callable, rng: jax.Array, example_args: tuple) -> tuple[dict, dict]:
+    """The guide's trace, and the model's with the guide's latent values substituted.
+
+    The model's latent sites are never sampled, so an improper prior (``ImproperUniform``,
+    which has no sampler) traces as well as a proper one.
+    """
     rng_model, rng_guide = jax.random.split(rng)
     guide_trace = _trace(guide_fn, example_args, rng=rng_guide)
-    model_trace = _trace(model_fn, example_args, rng=rng_model)
+    values = {n: s["value"] for n, s in guide_trace.items() if _is_latent(s)}
+    model_trace = _trace(model_fn, example_args, _substitution({}, values, params_too=False), rng=rng_model)
     return model_trace, guide_trace
+
+
+def _unwrap(constraint: Any) -> Any:
+    while hasattr(constraint, "base_constraint"):
+        constraint = constraint.base_constraint
+    return constraint
+
+
+def _check_supports(model_trace: dict, guide_trace: dict, names: list[str]) -> None:
+    """Refuse a guide site whose support is not the model site's (a Normal for a HalfNormal)."""
+    for name in names:
+        model_fn, guide_fn = model_trace[name]["fn"], guide_trace[name]["fn"]
+        if _is_delta(guide_fn):
+            continue  # a point value (AutoDelta): its support says nothing
+        want, have = _unwrap(model_fn.support), _unwrap(guide_fn.support)
+        if isinstance(want, type(constraints.real)) or constraints.is_dependent(want):
+            continue
+        try:
+            same = bool(want == have)
+        except Exception:  # constraints with array bounds: do not guess
+            continue
+        if not same:
+            raise ValueError(f"guide site {name!r} has support {have} but the model's {type(model_fn).__name__} "
+                             f"site has support {want}: samples outside it give -inf or NaN log-weights; give the "
+                             f"guide a distribution on {want} (e.g. a LogNormal or a TransformedDistribution with "
+                             f"biject_to(support)), or use an autoguide")
+
+
+def _check_observed_shapes(trace: dict) -> None:
+    """Refuse an observed value that its distribution broadcasts (its log-density counted many times)."""
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        value_shape = tuple(jnp.shape(site["value"]))
+        dist_shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+        if value_shape != dist_shape and math.prod(dist_shape) > math.prod(value_shape):
+            plates = [f.name for f in site.get("cond_indep_stack", [])]
+            inside = f" (inside plates {plates})" if plates else ""
+            raise ValueError(f"observed site {name!r} has shape {value_shape} but its distribution{inside} has "
+                             f"shape {dist_shape}: its log-density would be counted "
+                             f"{math.prod(dist_shape) // max(math.prod(value_shape), 1)} times; a model written for a "
+                             f"whole data set takes the data set, with data_plate= naming its data plate")
 
 
 def constrained_params(params: dict, model_fn: Callable, guide_fn: Callable, *example_args: Any) -> dict:
@@ -214,7 +272,7 @@ def unconstrained_params(values: dict, model_fn: Callable, guide_fn: Callable, *
         missing = sorted(set(transforms) - set(values))
         if missing:
             raise ValueError(f"values has no entry for the {group} parameters {missing}")
-        out[group] = {name: _apply(t.inv, jnp.asarray(values[name])) for name, t in transforms.items()}
+        out[group] = {name: _unconstrain_value(t, values[name]) for name, t in transforms.items()}
     return out
 
 
@@ -291,6 +349,8 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     if missing:
         raise ValueError(f"model latent sites {missing} have no site of the same name in the guide "
                          f"(guide sites: {guide_latents})")
+    _check_supports(model_trace, guide_trace, model_latents)
+    _check_observed_shapes(model_trace)
     model_transforms, guide_transforms = _param_transforms(model_trace), _param_transforms(guide_trace)
     shared = sorted(set(model_transforms) & set(guide_transforms))
     if shared:
@@ -304,7 +364,7 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     model_ints = {n: d for n in model_latents if (d := integer_dtype(model_trace[n])) is not None}
     guide_ints = {n: d for n in guide_latents if (d := integer_dtype(guide_trace[n])) is not None}
     not_reparam = [n for n in guide_latents if not guide_trace[n]["fn"].has_rsample]
-    guard = _pathwise_guard(not_reparam) if not_reparam else None
+    guard = _pathwise_guard(not_reparam)
     float_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
 
     def cast(z: dict, names: list[str], ints: dict) -> dict:

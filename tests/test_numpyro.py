@@ -326,3 +326,99 @@ def test_import_jaxelbo_does_not_import_numpyro():
 
     code = "import sys, jaxelbo; assert 'numpyro' not in sys.modules, 'numpyro imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------
+# Real parameter pytrees (numpyro.module with stax) and what the bridge refuses
+# --------------------------------------------------------------------------------------
+
+VAE_D, VAE_L = 6, 2
+
+
+def vae_encoder():
+    from jax.example_libraries import stax
+
+    return stax.serial(stax.Dense(5), stax.Softplus, stax.FanOut(2),
+                       stax.parallel(stax.Dense(VAE_L), stax.serial(stax.Dense(VAE_L), stax.Exp)))
+
+
+def vae_decoder():
+    from jax.example_libraries import stax
+
+    return stax.serial(stax.Dense(5), stax.Softplus, stax.Dense(VAE_D), stax.Sigmoid)
+
+
+def vae_model(x):  # as NumPyro's examples/vae.py writes it, for one example
+    decode = numpyro.module("decoder", vae_decoder(), (1, VAE_L))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([VAE_L]).to_event(1))
+    numpyro.sample("x", dist.Bernoulli(decode(z)).to_event(1), obs=x)
+
+
+def vae_guide(x):
+    encode = numpyro.module("encoder", vae_encoder(), (1, VAE_D))
+    loc, scale = encode(x)
+    numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+@pytest.mark.slow  # ~5-10 s: a DReG gradient through two stax networks
+def test_numpyro_module_parameters_round_trip_and_train():
+    x = (jnp.arange(VAE_D) % 2).astype(jnp.float32)
+    m, g, params = from_numpyro(vae_model, vae_guide, jax.random.key(0), x)
+    values = constrained_params(params, vae_model, vae_guide, x)
+    assert isinstance(values["decoder$params"], list)   # stax's pytree: a list of tuples
+    back = unconstrained_params(values, vae_model, vae_guide, x)
+    chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params)
+    assert jax.tree.all(chex_equal)
+    loss, grads = jax.value_and_grad(lambda p: je.iwae(m, g, num_samples=4, estimator="dreg")(
+        p, jax.random.key(1), x[None])[0])(params)
+    assert np.isfinite(loss)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
+
+
+def test_a_plated_model_given_one_example_is_refused():
+    def plated(x):  # written for a data set (N, D), handed x[0] of shape (D,)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+            numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def plated_guide(x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Normal(0.5 * x, 0.7).to_event(1))
+
+    with pytest.raises(ValueError, match=r"'x' has shape \(2,\) but its distribution \(inside plates \['data'\]\) "
+                                         r"has shape \(2, 2\): its log-density would be counted 2 times"):
+        from_numpyro(plated, plated_guide, jax.random.key(0), X[0])
+
+
+def test_a_guide_outside_the_priors_support_is_refused():
+    def scale_model(x):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        numpyro.sample("x", dist.Normal(0.0, s).expand([D]).to_event(1), obs=x)
+
+    def normal_guide(x):
+        numpyro.sample("s", dist.Normal(numpyro.param("loc", 1.0), 0.5))
+
+    def lognormal_guide(x):
+        numpyro.sample("s", dist.LogNormal(numpyro.param("loc", 0.0), 0.5))
+
+    with pytest.raises(ValueError, match=r"guide site 's' has support Real\(\) but the model's HalfNormal site has "
+                                         r"support Positive"):
+        from_numpyro(scale_model, normal_guide, jax.random.key(0), X[0])
+    from_numpyro(scale_model, lognormal_guide, jax.random.key(0), X[0])   # the same support: accepted
+    from_numpyro(scale_model, AutoNormal(scale_model), jax.random.key(0), X[0])
+
+
+def test_an_improper_prior_is_bridged():
+    def improper(x):
+        z = numpyro.sample("z", dist.ImproperUniform(dist.constraints.real, (), (D,)))
+        numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def flat_guide(x):
+        numpyro.sample("z", dist.Normal(x, 1.0).to_event(1))
+
+    m, g, params = from_numpyro(improper, flat_guide, jax.random.key(0), X[0])
+    z = {"z": jnp.array([0.1, 0.2])}
+    np.testing.assert_allclose(m.log_prior(params["model"], z), 0.0)
+    np.testing.assert_allclose(m.log_likelihood(params["model"], X[0], z),
+                               normal_logpdf(X[0], z["z"], 1.0), rtol=1e-6)

@@ -5,6 +5,7 @@ whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimat
 """
 
 from jaxelbo import models
+from jaxelbo.cubo import cubo
 from jaxelbo.diagnostics import (
     ElboSurgery,
     PairedBiasTest,
@@ -19,6 +20,7 @@ from jaxelbo.estimators import ESTIMATORS
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
 from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
+from jaxelbo.tvo import tvo
 from jaxelbo.types import Guide, Model, log_joint
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "Model",
     "PairedBiasTest",
     "ciwae",
+    "cubo",
     "effective_sample_size",
     "elbo",
     "elbo_surgery",
@@ -50,4 +53,5 @@ __all__ = [
     "psis_khat",
     "renyi",
     "rws",
+    "tvo",
 ]

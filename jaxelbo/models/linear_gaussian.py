@@ -122,3 +122,60 @@ def exact_elbo(params: dict, x: jax.Array, scale: float | None = None) -> jax.Ar
 def exact_kl(params: dict, x: jax.Array, scale: float | None = None) -> jax.Array:
     """``KL(q(z|x) || p(z))`` for a batch, analytic: shape ``(B,)``."""
     return _expected_log_likelihood_and_kl(params, x, scale)[1]
+
+
+def _posterior_and_guide_moments(params: dict, x: jax.Array, scale: float | None):
+    """Per example ``(x (D,))``: posterior mean, guide mean and guide variance."""
+    theta, phi = params["model"], params["guide"]
+    m, s = guide_mean_scale(phi, x, scale)
+    return 0.5 * (x + theta["mu"]), m, s * s
+
+
+def exact_cubo(params: dict, x: jax.Array, n: float = 2.0, scale: float | None = None) -> jax.Array:
+    """Closed-form ``CUBO_n = 1/n log E_q[w~^n]`` of the Gaussian guide for a batch ``(B, D)``: ``(B,)``.
+
+    With ``w~ = p(x) p(z|x) / q(z|x)``, ``E_q[w~^n] = p(x)^n int p(z|x)^n q(z|x)^(1-n) dz``,
+    and per dimension, for ``p(z|x) = N(a, u)``, ``q = N(m, v)`` and ``s_n = n v + (1 - n) u > 0``,
+
+    .. math:: \\log \\int p^n q^{1-n} = -\\frac{n (1-n) (a - m)^2}{2 s_n}
+       - \\frac12 \\log s_n + \\frac{n}{2} \\log v + \\frac{1-n}{2} \\log u,
+
+    so ``CUBO_n = log p(x) + (n - 1)/n D_n(p(z|x) || q)`` with ``D_n`` the Renyi divergence
+    of order n. ``n = 1`` gives ``log p(x)``; it is ``+inf`` where ``s_n <= 0`` (the
+    guide is too narrow for the n-th moment to exist).
+    """
+    def one(xi):
+        a, m, v = _posterior_and_guide_moments(params, xi, scale)
+        u = 0.5
+        s_n = n * v + (1.0 - n) * u
+        log_int = (-n * (1.0 - n) * (a - m) ** 2 / (2.0 * s_n) - 0.5 * jnp.log(s_n)
+                   + 0.5 * n * jnp.log(v) + 0.5 * (1.0 - n) * math.log(u))
+        return jnp.where(s_n > 0, jnp.sum(log_int) / n, jnp.inf)
+
+    return log_marginal(params["model"], x) + jax.vmap(one)(x)
+
+
+def exact_tvo_integrand(params: dict, x: jax.Array, beta: jax.Array, scale: float | None = None) -> jax.Array:
+    """Closed-form ``E_{pi_beta}[log w~]`` for a batch ``(B, D)`` and ``beta`` of shape ``(S,)``: ``(B, S)``.
+
+    ``pi_beta ∝ q(z|x)^(1-beta) p(x, z)^beta`` is Gaussian per dimension, with precision
+    ``(1 - beta)/v + beta/u`` (``q = N(m, v)``, ``p(z|x) = N(a, u)``, ``u = 1/2``) and
+    mean ``((1 - beta) m/v + beta a/u) / precision``; ``log w~ = log p(x) + log N(z; a, u)
+    - log N(z; m, v)`` is quadratic in z, so its expectation is exact. ``beta = 0`` gives
+    the ELBO and ``beta = 1`` the EUBO ``E_{p(z|x)}[log w~]``; the integral over
+    ``[0, 1]`` is ``log p(x)`` (the thermodynamic identity).
+    """
+    beta = jnp.asarray(beta)
+
+    def one(xi):
+        a, m, v = _posterior_and_guide_moments(params, xi, scale)
+        u = 0.5
+        b = beta[:, None]
+        prec = (1.0 - b) / v + b / u
+        mean = ((1.0 - b) * m / v + b * a / u) / prec
+        var = 1.0 / prec
+        e_p = -0.5 * (LOG_2PI + math.log(u) + (var + (mean - a) ** 2) / u)
+        e_q = -0.5 * (LOG_2PI + jnp.log(v) + (var + (mean - m) ** 2) / v)
+        return jnp.sum(e_p - e_q, axis=-1)
+
+    return log_marginal(params["model"], x)[:, None] + jax.vmap(one)(x)

@@ -1,0 +1,157 @@
+"""TVO on the linear-Gaussian toy, where every pi_beta is Gaussian and E_{pi_beta}[log w~]
+has a closed form (linear_gaussian.exact_tvo_integrand)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxelbo as je
+from jaxelbo.models import linear_gaussian as lg
+from jaxelbo.tvo import log_uniform_partition, tvo_bound
+
+D, B = 2, 2
+MU = jnp.array([0.3, -0.5])
+X = lg.sample_data(jax.random.key(7), MU, B)
+MODEL, GUIDE = lg.model(), lg.guide()
+
+
+def perturbed():
+    params = lg.optimal_params(MU)
+    g = dict(params["guide"])
+    g["b"] = g["b"] + jnp.array([0.4, -0.3])
+    g["A"] = g["A"] + jnp.array([[0.1, 0.0], [0.05, -0.1]])
+    g["log_scale"] = g["log_scale"] + 0.1
+    return {"model": {"mu": params["model"]["mu"] - 0.2}, "guide": g}
+
+
+PARAMS = perturbed()
+PARTITION = log_uniform_partition(4, -1.0)
+
+
+@jax.jit
+def _integrand(params, betas):
+    return lg.exact_tvo_integrand(params, X, betas)
+
+
+def exact_tvo(params, partition, integration="left"):
+    """The closed-form Riemann sum per example, (B,)."""
+    p = jnp.asarray(partition)
+    f = _integrand(params, p)
+    ends = f[:, :-1] if integration == "left" else f[:, 1:]
+    return jnp.sum(jnp.diff(p) * ends, axis=-1)
+
+
+def test_one_interval_left_is_the_elbo_and_right_the_eubo():
+    rng = jax.random.key(1)
+    for estimator in ("score", "reparam"):
+        left = je.tvo(MODEL, GUIDE, num_samples=6, partition=[0.0, 1.0], estimator=estimator)(PARAMS, rng, X)[1]
+        np.testing.assert_allclose(left["bound"], je.elbo(MODEL, GUIDE, num_samples=6)(PARAMS, rng, X)[1]["bound"],
+                                   rtol=1e-6)
+        right = je.tvo(MODEL, GUIDE, num_samples=6, partition=[0.0, 1.0], integration="right",
+                       estimator=estimator)(PARAMS, rng, X)[1]
+        lw = right["log_weights"]
+        np.testing.assert_allclose(right["bound"], jnp.sum(jax.nn.softmax(lw, -1) * lw, -1), rtol=1e-6)
+    # closed forms: beta = 0 is the ELBO; beta = 1 the EUBO = log p(x) + KL(p(z|x) || q)
+    f = lg.exact_tvo_integrand(PARAMS, X, jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(f[:, 0], lg.exact_elbo(PARAMS, X), rtol=1e-6)
+    assert np.all(f[:, 1] > lg.log_marginal(PARAMS["model"], X))
+
+
+def test_closed_form_bracket_tightens_as_the_partition_refines():
+    log_px = np.asarray(lg.log_marginal(PARAMS["model"], X))
+    lows, highs = [], []
+    for s in (1, 2, 4, 8, 32, 128):
+        grid = np.linspace(0.0, 1.0, s + 1)    # nested partitions
+        lows.append(np.asarray(exact_tvo(PARAMS, grid, "left")))
+        highs.append(np.asarray(exact_tvo(PARAMS, grid, "right")))
+    for lo, hi in zip(lows, highs, strict=True):
+        assert np.all(lo < log_px) and np.all(log_px < hi)
+    gaps = [hi - lo for lo, hi in zip(lows, highs, strict=True)]
+    assert all(np.all(b < a) for a, b in zip(gaps, gaps[1:], strict=False))
+    assert np.all(gaps[-1] < 0.02 * gaps[0])
+    # and the trapezoid of the integrand on a fine grid is log p(x) (the thermodynamic identity)
+    fine = jnp.linspace(0.0, 1.0, 2001)
+    np.testing.assert_allclose(jnp.trapezoid(lg.exact_tvo_integrand(PARAMS, X, fine), fine, axis=-1), log_px,
+                               atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def estimates():
+    """200 replicates of TVO_L and TVO_U at K = 4, 32, 256: (R, B) each."""
+    out = {}
+    keys = jax.random.split(jax.random.key(2), 200)
+    for integration in ("left", "right"):
+        for k in (4, 32, 256):
+            loss_fn = je.tvo(MODEL, GUIDE, num_samples=k, partition=PARTITION, integration=integration)
+            vals = np.asarray(jax.jit(jax.vmap(lambda r, f=loss_fn: f(PARAMS, r, X)[1]["bound"]))(keys))
+            out[integration, k] = vals
+    return out
+
+
+@pytest.mark.parametrize("integration", ["left", "right"])
+def test_estimates_converge_to_the_closed_form(estimates, integration):
+    exact = np.asarray(exact_tvo(PARAMS, PARTITION, integration))
+    mse = [np.mean((estimates[integration, k] - exact) ** 2, axis=0) for k in (4, 32, 256)]
+    assert np.all(mse[1] < mse[0]) and np.all(mse[2] < mse[1]), mse
+    vals = estimates[integration, 256]
+    mean, se = vals.mean(0), vals.std(0) / np.sqrt(vals.shape[0])
+    assert np.all(np.abs(mean - exact) < 0.01 + 4 * se), (mean, exact, se)
+    # the self-normalised estimate is not the closed form at small K (a check that can fail)
+    assert np.all(mse[0] > 10 * mse[2])
+
+
+def test_log_uniform_partition():
+    np.testing.assert_allclose(log_uniform_partition(3, -2.0), [0.0, 0.01, 0.1, 1.0])
+    aux = je.tvo(MODEL, GUIDE, num_samples=4, num_partitions=5, log_beta_min=-1.5)(PARAMS, jax.random.key(0), X)[1]
+    np.testing.assert_allclose(aux["partition"], log_uniform_partition(5, -1.5), rtol=1e-6)
+
+
+def mean_guide_gradient(loss_fn, num_replicates=400):
+    def grad(r):
+        return jax.grad(lambda p: loss_fn(p, r, X)[0])(PARAMS)["guide"]
+    reps = jax.jit(jax.vmap(grad))(jax.random.split(jax.random.key(3), num_replicates))
+    return {n: (np.asarray(v.mean(0)), np.asarray(v.std(0)) / np.sqrt(num_replicates)) for n, v in reps.items()}
+
+
+def no_covariance_loss(num_samples):
+    """Negative control: autodiff of the estimate at fixed z, without the sampling covariance."""
+    frozen = je.Guide(sample=lambda phi, rng, x: jax.lax.stop_gradient(GUIDE.sample(phi, rng, x)),
+                      log_prob=GUIDE.log_prob)
+
+    def loss_fn(params, rng, x):
+        return -jnp.mean(tvo_bound(je.log_weights(MODEL, frozen, params, rng, x, num_samples=num_samples),
+                                   PARTITION)), {}
+    return loss_fn
+
+
+@pytest.mark.slow
+def test_covariance_gradient_matches_the_closed_form_within_the_shrinking_bias():
+    exact = jax.grad(lambda p: -jnp.mean(exact_tvo(p, PARTITION)))(PARAMS)["guide"]
+    errs = {}
+    for estimator, k in (("score", 4), ("score", 64), ("reparam", 64)):
+        g = mean_guide_gradient(je.tvo(MODEL, GUIDE, num_samples=k, partition=PARTITION, estimator=estimator))
+        errs[estimator, k] = max(float(np.max(np.abs(g[n][0] - exact[n]))) for n in exact)
+        if k == 64:
+            for n in exact:   # within the O(1/K) self-normalised bias plus 4 standard errors
+                assert np.all(np.abs(g[n][0] - exact[n]) < 0.03 + 4 * g[n][1]), (estimator, n, g[n], exact[n])
+    assert errs["score", 64] < errs["score", 4], errs
+    print("tvo gradient max error", errs)
+    # negative control: without the covariance term the gradient is wrong, by far more than that
+    g = mean_guide_gradient(no_covariance_loss(64))
+    worst = max(float(np.max(np.abs(g[n][0] - exact[n]) - 4 * g[n][1])) for n in exact)
+    print("tvo no-covariance control: excess error", worst)
+    assert worst > 0.2
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="increase strictly from 0 to 1"):
+        je.tvo(MODEL, GUIDE, num_samples=4, partition=[0.0, 0.5, 0.9])
+    with pytest.raises(ValueError, match="increase strictly"):
+        je.tvo(MODEL, GUIDE, num_samples=4, partition=[0.0, 0.6, 0.5, 1.0])
+    with pytest.raises(ValueError, match="log_beta_min must be < 0"):
+        je.tvo(MODEL, GUIDE, num_samples=4, log_beta_min=0.5)
+    with pytest.raises(ValueError, match="integration"):
+        je.tvo(MODEL, GUIDE, num_samples=4, integration="middle")
+    with pytest.raises(ValueError, match="valid choices for tvo: score, reparam"):
+        je.tvo(MODEL, GUIDE, num_samples=4, estimator="dreg")

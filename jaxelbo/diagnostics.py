@@ -115,7 +115,7 @@ def paired_t_statistics(replicates_a: PyTree, replicates_b: PyTree, *, rtol: flo
         return jnp.where(rounding, 0.0, t), mean
 
     pairs = jax.tree_util.tree_map(leaf_t, replicates_a, replicates_b)
-    is_pair = lambda p: isinstance(p, tuple)  # noqa: E731
+    is_pair = lambda p: isinstance(p, tuple)
     t = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
     mean = jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair)
     flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(t)])
@@ -179,7 +179,7 @@ def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: dict, rng: jax.Arra
         raise ValueError(f"num_replicates must be >= 2 for a t-test, got {num_replicates}")
 
     def both(key):
-        grad = lambda f: jax.grad(lambda p: f(p, key, x)[0])(params)  # noqa: E731
+        grad = lambda f: jax.grad(lambda p: f(p, key, x)[0])(params)
         return grad(loss_a), grad(loss_b)
 
     reps_a, reps_b = jax.vmap(both)(_replicate_keys(rng, num_replicates))

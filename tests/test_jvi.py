@@ -104,7 +104,7 @@ def test_jvi_needs_two_samples_and_a_supported_estimator(estimator):
 def test_jvi_weights_are_the_bound_derivatives(k):
     """c = dJ/dlog w~ and d = c - diag(dc/dlog w~) (the DReG identity), by autodiff."""
     lw = 1.5 * jax.random.normal(jax.random.key(k), (3, k))
-    one = lambda v: objectives.jvi_bound(v[None])[0]  # noqa: E731
+    one = lambda v: objectives.jvi_bound(v[None])[0]
 
     @jax.jit
     def both(lw):
@@ -130,7 +130,7 @@ def test_jvi_dreg_theta_gradient_is_reparam_and_zero_phi_at_the_posterior():
 
     @jax.jit
     def all_grads(params, exact):
-        g = lambda f, p: jax.grad(lambda q: f(q, jax.random.key(0), X)[0])(p)  # noqa: E731
+        g = lambda f, p: jax.grad(lambda q: f(q, jax.random.key(0), X)[0])(p)
         return g(dreg, params), g(reparam, params), g(dreg, exact)
 
     g_dreg, g_reparam, g_exact = all_grads(PARAMS, lg.optimal_params(MU))
@@ -146,7 +146,7 @@ def two_pass_jvi_dreg(params, rng, x, k):
     keys = jax.random.split(rng, (x.shape[0], k))
 
     def lw_fn(theta, phi_sample, phi_q):
-        one = lambda key, xx: (je.log_joint(MODEL, theta, xx, GUIDE.sample(phi_sample, key, xx))  # noqa: E731
+        one = lambda key, xx: (je.log_joint(MODEL, theta, xx, GUIDE.sample(phi_sample, key, xx))
                                - GUIDE.log_prob(phi_q, xx, GUIDE.sample(phi_sample, key, xx)))
         return jax.vmap(jax.vmap(one, (0, None)), (0, 0))(keys, x)
 

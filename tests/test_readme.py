@@ -27,7 +27,7 @@ def run_minute() -> tuple[dict, str]:
     namespace: dict = {}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(python_blocks("The library in a minute")[0], "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(python_blocks("The library in a minute")[0], "README.md", "exec"), namespace)
     return namespace, out.getvalue()
 
 
@@ -53,7 +53,7 @@ def test_numpyro_distributions_inside_model_and_guide_give_the_same_loss(minute)
     namespace, _ = minute
     plain_model, plain_guide = namespace["model"], namespace["guide"]
     block = python_blocks("The library in a minute")[1]
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - redefines model and guide
+    exec(compile(block, "README.md", "exec"), namespace)  # redefines model and guide
     je, params, x = namespace["je"], namespace["params"], namespace["x"]
     assert namespace["model"] is not plain_model
     for estimator in ("reparam", "dreg"):

@@ -25,7 +25,7 @@ def available() -> str | None:
     """``None`` when tfp's JAX substrate imports, else the reason it does not."""
     try:
         import tensorflow_probability.substrates.jax  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "skip"
+    except Exception as e:  # any import failure means "skip"
         return f"{type(e).__name__}: {e}"
     return None
 

@@ -289,7 +289,7 @@ def verify(path: str | Path, params: Any, opt_state: Any) -> Restored:
                               f"expected {len(expected)})")
     try:
         restored = _read(path, target)
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on damage
+    except Exception as e:  # orbax/tensorstore raise many types on damage
         sys.unraisablehook = _quiet_unraisable
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         raise CheckpointError(f"checkpoint {path} is unreadable ({_one_line(e)})") from None

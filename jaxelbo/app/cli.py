@@ -25,7 +25,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("jaxelbo")
-    except Exception:  # noqa: BLE001 - not installed: fall back to the package attribute
+    except Exception:  # not installed: fall back to the package attribute
         from jaxelbo import __version__
 
         return __version__
@@ -34,7 +34,7 @@ def _version() -> str:
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Bad flags end with one line naming the problem (and the valid choices)."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):  # argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -318,7 +318,7 @@ def read_run_config(cfg_path: Path):
         settings = cfg["settings"]
         for key in ("dataset", "data_dir", "validation_size", "learning_rate", "guide_learning_rate", "seed",
                     "binarization"):
-            settings[key]  # noqa: B018 - a KeyError names what is missing
+            settings[key]  # a KeyError names what is missing
         net = vae.rebuild(cfg["vae"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())

@@ -514,7 +514,7 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()
     history: list[dict] = []
-    log_file = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
+    log_file = open(metrics_path, "a") if metrics_path is not None else None
 
     def record(rec):
         history.append(rec)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,16 +79,18 @@ def check_inputs(model: Model, guide: Guide, params: dict, rng: jax.Array, x: Py
     shapes = jax.tree_util.tree_map(lambda s: s.shape, x0)
     try:
         z = jax.eval_shape(guide.sample, phi, key, x0)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    except Exception as e:  # re-raised with context
         raise ValueError(f"guide.sample(phi, rng, x[0]) failed on one example of shape {shapes}; "
                          f"is x a batch with a leading axis B? ({type(e).__name__}: {e})") from e
     z_shapes = jax.tree_util.tree_map(lambda s: s.shape, z)
-    for name, fn, args in [("guide.log_prob(phi, x, z)", guide.log_prob, (phi, x0, z)),
-                           ("model.log_prior(theta, z)", model.log_prior, (theta, z)),
-                           ("model.log_likelihood(theta, x, z)", model.log_likelihood, (theta, x0, z))]:
+    checks: list[tuple[str, Callable[..., Any], tuple]] = [
+        ("guide.log_prob(phi, x, z)", guide.log_prob, (phi, x0, z)),
+        ("model.log_prior(theta, z)", model.log_prior, (theta, z)),
+        ("model.log_likelihood(theta, x, z)", model.log_likelihood, (theta, x0, z))]
+    for name, fn, args in checks:
         try:
             out = jax.eval_shape(fn, *args)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
+        except Exception as e:  # re-raised with context
             raise ValueError(f"{name} failed on the z of shape {z_shapes} that guide.sample returns "
                              f"(x[0] of shape {shapes}); do sample and log_prob agree? "
                              f"({type(e).__name__}: {e})") from e

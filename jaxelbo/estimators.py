@@ -229,6 +229,7 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
     batch = batch_size_of(x)
     keys = sample_keys(rng, batch, math.prod(sample_shape))
     check_continuous_latents(guide, phi, keys, x, estimator)
+    ratio: RatioFn | None
     if estimator == "dreg":
         if dreg_ratio is None:
             raise ValueError("this objective has no DReG weights")

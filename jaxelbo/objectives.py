@@ -56,6 +56,8 @@ def _objective(name: str, model: Model, guide: Guide, *, estimator: str, sample_
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=bound_fn,
                 estimator=estimator, dreg_ratio=dreg_ratio, phi_ratio=phi_ratio)
         else:
+            if signal_fn is None:
+                raise ValueError(f"{name} has no score-function estimator (got {estimator!r})")
             surrogate, log_w = est.score_surrogate(
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=bound_fn,
                 signal_fn=signal_fn[estimator], direct=direct_score)

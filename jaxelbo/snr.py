@@ -89,7 +89,7 @@ class Moments(NamedTuple):
       m2: ``(P,)`` sum of squared deviations from the mean, ``sum_r (g_r - mean)^2``.
     """
 
-    count: int
+    count: int  # type: ignore[assignment]  # a field, shadowing tuple.count
     mean: np.ndarray
     m2: np.ndarray
 
@@ -187,12 +187,12 @@ def param_layout(params: PyTree) -> ParamLayout:
 def replicate_mesh(mesh: jax.sharding.Mesh | None | bool = None) -> jax.sharding.Mesh | None:
     """The mesh :func:`gradient_moments` shards replicates over.
 
-    ``None``: a 1-D mesh over every device when there are several (else no mesh);
+    ``None`` (or ``True``): a 1-D mesh over every device when there are several (else no mesh);
     ``False``: no mesh; a :class:`jax.sharding.Mesh` is returned as is.
     """
     if mesh is False:
         return None
-    if mesh is None:
+    if mesh is None or mesh is True:
         devices = jax.devices()
         if len(devices) == 1:
             return None
@@ -305,7 +305,7 @@ def gradient_moments(
         loss_fns = {"loss": loss_fns}
     if not loss_fns:
         raise ValueError("loss_fns is empty: pass a loss function or a mapping {name: loss_fn}")
-    pairs = tuple(tuple(p) for p in pairs)
+    pairs = tuple((a, b) for a, b in pairs)
     for a, b in pairs:
         for name in (a, b):
             if name not in loss_fns:

@@ -93,6 +93,7 @@ def dense_with_transposed_kernel(layer: nnx.Linear, h: jax.Array) -> jax.Array:
     """
     if jax.default_backend() != "cpu":
         return layer(h)
+    assert layer.bias is not None  # the decoder's layers all have a bias
     kernel_t = jax.lax.optimization_barrier(jnp.swapaxes(layer.kernel[...], 0, 1))
     return jnp.einsum("...h,dh->...d", h, kernel_t) + layer.bias[...]
 
@@ -231,7 +232,9 @@ def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), 
         bias = jnp.asarray(output_bias, dtype=param_dtype)
         if bias.shape != (data_dim,):
             raise ValueError(f"output_bias must have shape ({data_dim},), got {bias.shape}")
-        decoder.net.out.bias[...] = bias
+        out = decoder.net.out
+        assert out.bias is not None  # nnx.Linear(use_bias=True)
+        out.bias[...] = bias
     enc_graph, enc_state = nnx.split(encoder)
     dec_graph, dec_state = nnx.split(decoder)
     params = {"model": nnx.to_pure_dict(dec_state), "guide": nnx.to_pure_dict(enc_state)}
@@ -345,7 +348,9 @@ def build_two_layer(rng: jax.Array, data_dim: int, *,
         bias = jnp.asarray(output_bias, dtype=param_dtype)
         if bias.shape != (data_dim,):
             raise ValueError(f"output_bias must have shape ({data_dim},), got {bias.shape}")
-        decoder.x.net.out.bias[...] = bias
+        out = decoder.x.net.out
+        assert out.bias is not None  # nnx.Linear(use_bias=True)
+        out.bias[...] = bias
     enc_graph, enc_state = nnx.split(encoder)
     dec_graph, dec_state = nnx.split(decoder)
     params = {"model": nnx.to_pure_dict(dec_state), "guide": nnx.to_pure_dict(enc_state)}

@@ -4,6 +4,8 @@ Every objective is a factory returning a pure ``(params, rng, x) -> (loss, aux)`
 whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimator.
 """
 
+from importlib import metadata as _metadata
+
 from jaxelbo import models
 from jaxelbo.cubo import cubo
 from jaxelbo.diagnostics import (
@@ -23,7 +25,10 @@ from jaxelbo.psis import psis_khat
 from jaxelbo.tvo import tvo
 from jaxelbo.types import Guide, Model, log_joint
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    __version__ = _metadata.version("jaxelbo")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ESTIMATORS",

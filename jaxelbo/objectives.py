@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo import estimators as est
-from jaxelbo import registry
+from jaxelbo import registry, wake_sleep
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
 from jaxelbo.log_weights import effective_sample_size, log_mean_exp
 from jaxelbo.psis import psis_khat, psis_tail_size
@@ -327,7 +327,8 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
 
 
 def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg",
-        alpha: float = 1.0) -> LossFn:
+        alpha: float = 1.0, insomnia: float = 1.0, num_sleep_samples: int | None = None,
+        defensive: float = 0.0) -> LossFn:
     """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751) and DReG(alpha).
 
     ``theta`` ascends IWAE_K (``sum_k w_k grad log p(x, z_k)``); ``phi`` follows the
@@ -345,10 +346,28 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
     default) the wake-phi update; Tucker et al. use ``alpha = 0.9``. ``score`` supports
     only ``alpha = 1``.
 
+    The other phi updates of Le et al. (2019) (:mod:`jaxelbo.wake_sleep`):
+
+    - ``insomnia = 0``: **sleep-phi**, ascend ``E_{p_theta(z, x)}[log q_phi(z | x)]``,
+      estimated by the mean over ``num_sleep_samples`` ancestral draws of
+      :attr:`Model.sample` (at ``stop_gradient(theta)``); ``phi``'s loss gradient is minus
+      that mean. ``0 < insomnia < 1`` mixes ``insomnia * wake + (1 - insomnia) * sleep``
+      (Pyro's convention). The loss value and ``theta``'s gradient do not depend on
+      ``insomnia``: the wake samples are drawn from ``rng`` as for ``insomnia = 1`` and the
+      sleep draws from ``fold_in(rng, 1)``.
+    - ``defensive = delta > 0``: wake-phi with proposals from
+      ``(1 - delta) q(z|x) + delta p(z)`` and
+      ``log w~ = log p(x, z) - log((1 - delta) q(z|x) + delta p(z))`` (``score`` only;
+      ``z`` is drawn from the prior through :attr:`Model.sample`). ``theta`` gets
+      ``sum_k w_k grad log p(x, z_k)`` with these weights.
+
     Args:
       num_samples: K.
       estimator: ``dreg`` (default) or ``score``.
       alpha: the wake-phi share of ``phi``'s update, in ``[0, 1]``.
+      insomnia: the wake share of ``phi``'s update, in ``[0, 1]`` (1: wake-phi, 0: sleep-phi).
+      num_sleep_samples: draws from the model per step for sleep-phi (default ``num_samples``).
+      defensive: ``delta`` in ``[0, 1]``, the prior's share of the wake proposal (default 0).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -366,20 +385,56 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
       >>> params = lg.optimal_params(jnp.zeros(2))
       >>> grads = jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 2)))[0])(params)
 
+      >>> sleep = je.rws(lg.model(), lg.guide(), num_samples=8, insomnia=0.0, num_sleep_samples=16)
+      >>> grads = jax.grad(lambda p: sleep(p, jax.random.key(0), jnp.ones((3, 2)))[0])(params)
+
     References:
       Tucker, Lawson, Gu & Maddison (2019). Doubly reparameterized gradient estimators for
       Monte Carlo objectives. ICLR. arXiv:1810.04152.
+      Le, Kosiorek, Siddharth, Teh & Wood (2019). Revisiting reweighted wake-sleep for models
+      with stochastic control flow. UAI. arXiv:1805.10469.
     """
     k = check_count("num_samples", num_samples)
     alpha = check_real("alpha", alpha)
+    insomnia = check_real("insomnia", insomnia)
+    defensive = check_real("defensive", defensive)
+    if not 0.0 <= insomnia <= 1.0:
+        raise ValueError(f"rws: insomnia must lie in [0, 1] (1 wake-phi, 0 sleep-phi), got {insomnia}")
+    if not 0.0 <= defensive <= 1.0:
+        raise ValueError(f"rws: defensive must lie in [0, 1], got {defensive}")
+    num_sleep = k if num_sleep_samples is None else check_count("num_sleep_samples", num_sleep_samples)
+    if insomnia < 1.0:
+        wake_sleep.require_sample(model, f"rws with insomnia={insomnia} (sleep-phi)")
+    if defensive > 0.0:
+        wake_sleep.require_sample(model, f"rws with defensive={defensive} (proposals from the prior)")
+        if estimator != "score":
+            raise ValueError(f"rws: defensive={defensive} needs estimator 'score' (the mixture proposal is not "
+                             f"reparameterised), got {estimator!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"rws: alpha must lie in [0, 1], got {alpha}")
     if estimator == "score" and alpha != 1.0:
         raise ValueError(f"rws: estimator 'score' supports only alpha = 1 (the wake-phi update), got {alpha}; "
                          "use estimator 'dreg' for DReG(alpha)")
-    return _objective("rws", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=log_mean_exp, dreg_ratio=lambda lw: alpha + (1.0 - 2.0 * alpha) * _softmax(lw),
-                      signal_fn={"score": _softmax}, direct_score=False)
+    if defensive > 0.0:
+        check_model_guide(model, guide)
+        registry.check_estimator("rws", estimator)
+        wake = wake_sleep.defensive_wake_loss(model, guide, num_samples=k, defensive=defensive, insomnia=insomnia)
+    else:
+        wake = _objective("rws", model, guide, estimator=estimator, sample_shape=(k,), bound_fn=log_mean_exp,
+                          dreg_ratio=lambda lw: insomnia * (alpha + (1.0 - 2.0 * alpha) * _softmax(lw)),
+                          signal_fn={"score": lambda lw: insomnia * _softmax(lw)}, direct_score=False)
+    if insomnia == 1.0:
+        return wake
+
+    def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
+        loss, aux = wake(params, rng, x)
+        sleep = wake_sleep.sleep_phi_surrogate(model, guide, params, jax.random.fold_in(rng, 1),
+                                               num_sleep_samples=num_sleep)
+        return loss + (1.0 - insomnia) * sleep, aux
+
+    loss_fn.__name__ = f"rws_{estimator}_insomnia_loss"
+    loss_fn.__doc__ = f"-mean IWAE bound; phi: {insomnia:g} wake + {1 - insomnia:g} sleep. Returns (loss, aux)."
+    return loss_fn
 
 
 def jvi_bound(log_weights: jax.Array) -> jax.Array:

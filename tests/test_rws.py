@@ -134,7 +134,8 @@ def enumerated_expected_gradient(loss_fn_of, num_samples, x_value):
         hit = jnp.all(x["keys"] == jax.random.key_data(key), axis=-1)
         return x["z"][jnp.argmax(hit)]
 
-    enum_model = je.Model(log_prior=MODEL.log_prior, log_likelihood=lambda th, x, z: MODEL.log_likelihood(th, x["x"], z))
+    enum_model = je.Model(log_prior=MODEL.log_prior,
+                          log_likelihood=lambda th, x, z: MODEL.log_likelihood(th, x["x"], z))
     enum_guide = je.Guide(sample=table_sample, log_prob=lambda phi, x, z: log_q(phi, x["x"], z))
     loss_fn = loss_fn_of(enum_model, enum_guide)
     states = jnp.array(list(itertools.product(range(C), repeat=num_samples)), jnp.int32)

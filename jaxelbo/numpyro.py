@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,7 @@ try:
     from numpyro import handlers
     from numpyro.distributions import Delta, constraints
     from numpyro.distributions.transforms import biject_to
+    from numpyro.primitives import Messenger
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxelbo.numpyro needs NumPyro: pip install 'jaxelbo[numpyro]'") from e
 
@@ -301,8 +302,119 @@ def _pathwise_guard(sites: list[str]) -> Callable:
     return guard
 
 
+class _DataPlate(Messenger):
+    """Sets the indices of the data plate: all of them, or the first only (one data point)."""
+
+    def __init__(self, fn: Callable, name: str, one: bool) -> None:
+        self.name, self.one = name, one
+        super().__init__(fn)
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["name"] == self.name:
+            size = msg["args"][0]
+            msg["value"] = jnp.arange(1 if self.one else size)
+            msg["args"] = (size, None)
+
+
+class _Layout(NamedTuple):
+    """How one example ``x`` of the losses becomes the arguments of a NumPyro call."""
+
+    call_args: Callable[[Any], tuple]     # one example -> the model's arguments
+    first: tuple                          # the arguments of the first example
+    example_shapes: list                  # the shapes one example's arrays must have
+    plate: str | None                     # the data plate, or None: no plate is read
+    size: int                             # the data plate's size N (1 without one)
+    wrap: Callable[[Callable], Callable]  # fn -> fn run at one data point
+
+
+def _shapes(x: Any) -> list:
+    return [tuple(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(x)]
+
+
+def _check_example(x: Any, layout: _Layout) -> None:
+    """Trace-time check that one example ``x`` has the shapes of the example given to the bridge."""
+    layout.call_args(x)  # the number of arguments first
+    got = _shapes(x)
+    if got != layout.example_shapes:
+        what = ("the data arguments' rows" if layout.plate else "the example given to from_numpyro")
+        lost = len(got) == len(layout.example_shapes) and all(
+            len(g) + 1 == len(w) for g, w in zip(got, layout.example_shapes, strict=True))
+        hint = ("; the batch seems to have lost an axis: x needs a leading batch axis B on top of one example"
+                if lost else "; is x a batch with a leading axis B, of examples shaped as the one given?")
+        raise ValueError(f"one example of x has shapes {got}, but {what} had shapes {layout.example_shapes}{hint}")
+
+
+def _example_layout(example_args: tuple) -> _Layout:
+    num_args = len(example_args)
+    return _Layout(call_args=lambda x: _call_args(x, num_args), first=example_args,
+                   example_shapes=_shapes(example_args[0] if num_args == 1 else tuple(example_args)),
+                   plate=None, size=1, wrap=lambda fn: fn)
+
+
+def _is_data(arg: Any, size: int) -> bool:
+    return hasattr(arg, "shape") and len(arg.shape) >= 1 and arg.shape[0] == size
+
+
+def _plate_layout(model_fn: Callable, guide_fn: Callable, rng: jax.Array, args: tuple, plate: str) -> _Layout:
+    """The data arguments (leading axis N = the data plate's size) and one-data-point calls."""
+    model_trace, _ = _traces(_DataPlate(model_fn, plate, one=False), _DataPlate(guide_fn, plate, one=False),
+                             rng, args)
+    site = model_trace.get(plate)
+    if site is None or site["type"] != "plate":
+        plates = [n for n, s in model_trace.items() if s["type"] == "plate"]
+        raise ValueError(f"data_plate={plate!r}, but the model has no plate of that name (its plates: {plates})")
+    size = int(site["args"][0])
+    positions = [i for i, a in enumerate(args) if _is_data(a, size)]
+    if not positions:
+        raise ValueError(f"no argument of the model has a leading axis of the data plate's size {size}: pass the "
+                         f"whole data set (argument shapes: {[jnp.shape(a) for a in args]})")
+
+    def call_args(x: Any) -> tuple:
+        rows = (x,) if len(positions) == 1 else x
+        if len(positions) > 1 and (not isinstance(x, tuple) or len(x) != len(positions)):
+            raise ValueError(f"the model has {len(positions)} data arguments (positions {positions}), so x must be "
+                             f"a tuple of {len(positions)} batches; got {type(x).__name__}")
+        out = list(args)
+        for i, row in zip(positions, rows, strict=True):
+            out[i] = jnp.asarray(row)[None]
+        return tuple(out)
+
+    first = tuple(args[i][0] for i in positions)
+    first_x = first[0] if len(positions) == 1 else first
+    return _Layout(call_args=call_args, first=call_args(first_x), example_shapes=_shapes(first_x),
+                   plate=plate, size=size, wrap=lambda fn: _DataPlate(fn, plate, one=True))
+
+
+def _in_plate(site: dict, plate: str | None) -> bool:
+    return plate is not None and any(f.name == plate for f in site.get("cond_indep_stack", []))
+
+
+def _plate_axis(site: dict, plate: str | None) -> int | None:
+    """The axis of a site's value that the data plate adds (size 1 at one data point), or None."""
+    frames = [f for f in site.get("cond_indep_stack", []) if plate is not None and f.name == plate]
+    if not frames:
+        return None
+    axis = frames[0].dim - site["fn"].event_dim
+    return axis if jnp.ndim(site["value"]) >= -axis else None
+
+
+def _plate_factor(trace: dict, plate: str | None) -> float:
+    """``N / 1``: the scale NumPyro gives the sites of the data plate at one data point."""
+    if plate is None or plate not in trace:
+        return 1.0
+    site = trace[plate]
+    return float(site["args"][0]) / float(jnp.shape(site["value"])[0])
+
+
+def _check_no_subsampling(trace: dict) -> None:
+    for name, site in trace.items():
+        if site["type"] == "plate" and jnp.shape(site["value"])[0] != site["args"][0]:
+            raise ValueError(f"the model subsamples plate {name!r} (size {site['args'][0]}, subsample_size "
+                             f"{jnp.shape(site['value'])[0]}): pass the whole data set and data_plate={name!r}")
+
+
 def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
-                 *example_args: Any) -> tuple[Model, Guide, dict]:
+                 *example_args: Any, data_plate: str | None = None) -> tuple[Model, Guide, dict]:
     r"""A jaxelbo model, guide and initial parameters from a NumPyro model and guide.
 
     The per-example log-weight is the NumPyro log-joint minus the guide's log-density,
@@ -310,37 +422,66 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     .. math:: \log \tilde w = \sum_{\text{latent } s} \log p(z_s \mid \cdot)
        + \sum_{\text{observed } s} \log p(x_s \mid \cdot) - \sum_{s \in \text{guide}} \log q(z_s \mid \cdot),
 
-    each site scaled as NumPyro scales it (plates with ``subsample_size``,
-    ``handlers.scale``, masks). ``log_prior`` evaluates the latent sites at
-    ``example_args``; when a latent site's distribution depends on the example's data,
-    ``log_likelihood`` carries the difference, so ``log_prior + log_likelihood`` is always
-    the exact log-joint of the example (when none does, as usual, that difference is
-    exactly zero and ``log_likelihood`` is the sum of the observed sites).
+    each site scaled as NumPyro scales it (``handlers.scale``, masks). ``log_prior``
+    evaluates the latent sites at the first example; when a latent site's distribution
+    depends on the example's data, ``log_likelihood`` carries the difference, so
+    ``log_prior + log_likelihood`` is always the exact log-joint of the example (when none
+    does, as usual, that difference is exactly zero and ``log_likelihood`` is the sum of the
+    observed sites).
+
+    Two ways to write the model:
+
+    - **for one example** (``data_plate=None``): ``example_args`` are one example's
+      arguments; the losses take them with a leading batch axis B.
+    - **for the whole data set**, as NumPyro users write it, with a data plate
+      (``numpyro.plate("data", N)``, with or without ``subsample_size``):
+      ``data_plate="data"`` and ``example_args`` the whole data set. The arguments with a
+      leading axis of size N are the data; the others (eight schools' ``J``, sizes,
+      flags) stay static Python values. One example is one data point: the sites inside
+      the plate are local, each data point's log-weight is its own (unscaled; the
+      subsampling scale ``N / B`` is NumPyro's, jaxelbo's losses average over the
+      batch), sites outside the plate that are observed or ``numpyro.factor`` terms are
+      shared out as ``1/N`` per data point, and ``z`` holds one data point's values
+      (the plate axis removed). The losses take ``x`` as the data arguments' rows: an
+      array, or a tuple in argument order for several. Latent sites outside the plate
+      (global latents) are not one data point's: they are refused.
 
     Args:
-      model_fn: a NumPyro model for one example, called as ``model_fn(*example_args)``.
+      model_fn: a NumPyro model, called as ``model_fn(*example_args)``.
       guide_fn: a NumPyro guide with the same arguments: a function, or an autoguide such
         as ``numpyro.infer.autoguide.AutoNormal(model_fn)``. Every latent site of the model
         must be a site of the guide; extra guide sites (auxiliary ones) are allowed.
       rng: a PRNG key, used to run both once and initialise their parameters.
-      *example_args: the arguments of one example, without a batch axis (at least one).
+      *example_args: the arguments of one example, without a batch axis (at least one);
+        with ``data_plate``, the arguments of the whole data set.
+      data_plate: the name of the model's data plate, or None (the model is written for
+        one example).
 
     Returns:
       ``(model, guide, params)``. ``params = {"model": {name: u}, "guide": {name: u}}``
       holds every ``numpyro.param`` of the model and the guide, unconstrained
-      (``u = biject_to(constraint).inv(value)``). The losses take ``x`` as the example
-      arguments with a leading batch axis: the array itself for one argument, a tuple for
-      several. ``z`` is a dict ``{site: value}`` of the guide's latent sites.
+      (``u = biject_to(constraint).inv(value)``). ``z`` is a dict ``{site: value}`` of
+      the guide's latent sites.
 
     Raises:
       ValueError: no example arguments, no latent sites, a model latent site missing from
-        the guide, or a parameter name shared by the model and the guide.
+        the guide, a parameter name shared by the model and the guide, a guide site off
+        its model site's support, an observed value its distribution broadcasts (a model
+        written for a data set given one example), a subsampled plate without
+        ``data_plate``, a ``data_plate`` the model lacks, or a global latent site.
     """
     if not example_args:
         raise ValueError("from_numpyro needs the arguments of one example (at least one), "
                          "e.g. from_numpyro(model, guide, rng, x_train[0])")
-    num_args = len(example_args)
-    model_trace, guide_trace = _traces(model_fn, guide_fn, rng, example_args)
+    if data_plate is None:
+        layout = _example_layout(example_args)
+    else:
+        layout = _plate_layout(model_fn, guide_fn, rng, example_args, data_plate)
+    plate = layout.plate
+    model_fn, guide_fn = layout.wrap(model_fn), layout.wrap(guide_fn)
+    model_trace, guide_trace = _traces(model_fn, guide_fn, rng, layout.first)
+    if plate is None:
+        _check_no_subsampling(model_trace)
     model_latents = [n for n, s in model_trace.items() if _is_latent(s)]
     guide_latents = [n for n, s in guide_trace.items() if _is_latent(s)]
     if not model_latents:
@@ -349,6 +490,12 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     if missing:
         raise ValueError(f"model latent sites {missing} have no site of the same name in the guide "
                          f"(guide sites: {guide_latents})")
+    if plate is not None:
+        global_latents = [n for n in model_latents if not _in_plate(model_trace[n], plate)]
+        if global_latents:
+            raise ValueError(f"latent sites {global_latents} lie outside the data plate {plate!r} (global "
+                             "latents): from_numpyro(data_plate=...) bridges local latents only; for both, "
+                             "use jaxelbo.numpyro.global_local_iwae")
     _check_supports(model_trace, guide_trace, model_latents)
     _check_observed_shapes(model_trace)
     model_transforms, guide_transforms = _param_transforms(model_trace), _param_transforms(guide_trace)
@@ -363,43 +510,57 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
 
     model_ints = {n: d for n in model_latents if (d := integer_dtype(model_trace[n])) is not None}
     guide_ints = {n: d for n in guide_latents if (d := integer_dtype(guide_trace[n])) is not None}
+    model_axes = {n: a for n in model_latents if (a := _plate_axis(model_trace[n], plate)) is not None}
+    guide_axes = {n: a for n in guide_latents if (a := _plate_axis(guide_trace[n], plate)) is not None}
     not_reparam = [n for n in guide_latents if not guide_trace[n]["fn"].has_rsample]
     guard = _pathwise_guard(not_reparam)
     float_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    size = float(layout.size)
 
-    def cast(z: dict, names: list[str], ints: dict) -> dict:
+    def cast(z: dict, names: list[str], ints: dict, axes: dict) -> dict:
         missing_z = [n for n in names if n not in z]
         if missing_z:
             raise ValueError(f"z has no value for latent sites {missing_z}; z must be what guide.sample returns "
                              f"(sites {guide_latents})")
-        return {n: (z[n].astype(ints[n]) if n in ints else z[n]) for n in names}
+        out = {n: (z[n].astype(ints[n]) if n in ints else z[n]) for n in names}
+        return {n: (jnp.expand_dims(v, axes[n]) if n in axes else v) for n, v in out.items()}
+
+    def log_density(trace: dict, site: dict) -> jax.Array:
+        term = _site_log_prob(site)
+        if plate is None:
+            return term
+        return term / _plate_factor(trace, plate) if _in_plate(site, plate) else term / size
 
     def latent_log_prob(theta: dict, args: tuple, z: dict) -> tuple[jax.Array, dict]:
         trace = _trace(model_fn, args, _substitution(_constrain(theta, model_transforms),
-                                                     cast(z, model_latents, model_ints)))
-        return _sum([_site_log_prob(trace[n]) for n in model_latents]), trace
+                                                     cast(z, model_latents, model_ints, model_axes)))
+        return _sum([log_density(trace, trace[n]) for n in model_latents]), trace
 
     def log_prior(theta: dict, z: dict) -> jax.Array:
-        return latent_log_prob(theta, example_args, z)[0]
+        return latent_log_prob(theta, layout.first, z)[0]
 
     def log_likelihood(theta: dict, x: Any, z: dict) -> jax.Array:
-        latent, trace = latent_log_prob(theta, _call_args(x, num_args), z)
-        observed = _sum([_site_log_prob(s) for s in trace.values() if s["type"] == "sample" and s["is_observed"]])
+        _check_example(x, layout)
+        latent, trace = latent_log_prob(theta, layout.call_args(x), z)
+        observed = _sum([log_density(trace, s) for s in trace.values() if s["type"] == "sample" and s["is_observed"]])
         return observed + (latent - log_prior(theta, z))
 
     def sample(phi: dict, rng: jax.Array, x: Any) -> dict:
-        trace = _trace(guide_fn, _call_args(x, num_args), _substitution(_constrain(phi, guide_transforms), {}),
+        _check_example(x, layout)
+        trace = _trace(guide_fn, layout.call_args(x), _substitution(_constrain(phi, guide_transforms), {}),
                        rng=rng)
-        z = {n: trace[n]["value"] for n in guide_latents}
+        z = {n: (jnp.squeeze(v, guide_axes[n]) if n in guide_axes else v)
+             for n in guide_latents for v in [trace[n]["value"]]}
         for n in not_reparam:
             z[n] = guard(jnp.asarray(z[n]).astype(float_dtype), phi)
         return z
 
     def log_prob(phi: dict, x: Any, z: dict) -> jax.Array:
-        sub = cast(z, [n for n in guide_latents if not _is_delta(guide_trace[n]["fn"])], guide_ints)
-        trace = _trace(guide_fn, _call_args(x, num_args),
+        _check_example(x, layout)
+        sub = cast(z, [n for n in guide_latents if not _is_delta(guide_trace[n]["fn"])], guide_ints, guide_axes)
+        trace = _trace(guide_fn, layout.call_args(x),
                        _substitution(_constrain(phi, guide_transforms), sub, skip_delta=True))
-        total = _sum([_site_log_prob(trace[n]) for n in guide_latents])
+        total = _sum([log_density(trace, trace[n]) for n in guide_latents])
         # A path for a pathwise gradient to reach the guard of a discrete site (its value
         # enters the densities only through an integer cast, which has no derivative).
         for n in not_reparam:

@@ -360,7 +360,7 @@ def vae_guide(x):
     numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
-@pytest.mark.slow  # ~5-10 s: a DReG gradient through two stax networks
+@pytest.mark.slow  # a few seconds idle: two stax networks traced and differentiated
 def test_numpyro_module_parameters_round_trip_and_train():
     x = (jnp.arange(VAE_D) % 2).astype(jnp.float32)
     m, g, params = from_numpyro(vae_model, vae_guide, jax.random.key(0), x)
@@ -369,8 +369,8 @@ def test_numpyro_module_parameters_round_trip_and_train():
     back = unconstrained_params(values, vae_model, vae_guide, x)
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params)
     assert jax.tree.all(chex_equal)
-    loss, grads = jax.value_and_grad(lambda p: je.iwae(m, g, num_samples=4, estimator="dreg")(
-        p, jax.random.key(1), x[None])[0])(params)
+    loss, grads = jax.value_and_grad(lambda p: je.elbo(m, g, num_samples=2)(p, jax.random.key(1), x[None])[0])(
+        params)
     assert np.isfinite(loss)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
@@ -422,3 +422,95 @@ def test_an_improper_prior_is_bridged():
     np.testing.assert_allclose(m.log_prior(params["model"], z), 0.0)
     np.testing.assert_allclose(m.log_likelihood(params["model"], X[0], z),
                                normal_logpdf(X[0], z["z"], 1.0), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Models written for the whole data set, with a data plate
+# --------------------------------------------------------------------------------------
+
+
+def subsampled_model(xs, batch_size=None):  # as NumPyro users write it: the plate subsamples the data
+    mu = numpyro.param("mu", MU)
+    with numpyro.plate("data", xs.shape[0], subsample_size=batch_size) as idx:
+        z = numpyro.sample("z", dist.Normal(mu, 1.0).to_event(1))
+        numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=xs[idx])
+
+
+def subsampled_guide(xs, batch_size=None):
+    a = numpyro.param("a", 0.5)
+    b = numpyro.param("b", MU / 2 + 0.8)
+    s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
+    with numpyro.plate("data", xs.shape[0], subsample_size=batch_size) as idx:
+        numpyro.sample("z", dist.Normal(a * xs[idx] + b, s).to_event(1))
+
+
+@pytest.mark.parametrize("plated", [(batch_model, batch_off_guide), (subsampled_model, subsampled_guide)],
+                         ids=["plate", "subsample_size"])
+@pytest.mark.slow  # a few seconds idle: four vmapped traces of a NumPyro program
+def test_a_data_plate_gives_each_data_point_its_own_log_weight(plated):
+    model_fn, guide_fn = plated
+    args = (X,) if model_fn is batch_model else (X, 3)   # batch_size 3 is static: it stays a Python int
+    m, g, params = from_numpyro(model_fn, guide_fn, jax.random.key(0), *args, data_plate="data")
+    m1, g1, params1 = from_numpyro(model, off_guide, jax.random.key(0), X[0])   # the one-example model
+    assert jax.tree.structure(params) == jax.tree.structure(params1)
+    z = g.sample(params["guide"], jax.random.key(1), X[2])
+    assert z["z"].shape == (D,)                         # one data point's value: the plate axis is gone
+    lw = je.log_weights(m, g, params, jax.random.key(2), X, num_samples=3)
+    lw1 = je.log_weights(m1, g1, params, jax.random.key(2), X, num_samples=3)
+    np.testing.assert_allclose(lw, lw1, rtol=1e-6)      # unscaled: no N / B factor in a data point's weight
+    # and their sum is NumPyro's own log-joint of the whole data set minus the guide's
+    zs = {"z": X[::-1] * 0.3 + 0.1}
+    values = constrained_params(params, batch_model, batch_off_guide, X)
+    log_p, _ = log_density(batch_model, (X,), {}, {**values, **zs})
+    log_q, _ = log_density(batch_off_guide, (X,), {}, {**values, **zs})
+    per_point = jax.vmap(lambda x, z: m.log_prior(params["model"], z) + m.log_likelihood(params["model"], x, z)
+                         - g.log_prob(params["guide"], x, z))(X, zs)
+    np.testing.assert_allclose(jnp.sum(per_point), log_p - log_q, rtol=1e-6)
+
+
+def schools_given_globals(J, sigma, y):  # eight schools with the globals as parameters: J stays static
+    mu = numpyro.param("mu", 1.0)
+    tau = numpyro.param("tau", 2.0, constraint=dist.constraints.positive)
+    with numpyro.plate("J", J):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def schools_posterior(J, sigma, y):  # the exact posterior of theta_j given mu = 1, tau = 2
+    prec = 1 / 4.0 + 1 / sigma**2
+    with numpyro.plate("J", J):
+        numpyro.sample("theta", dist.Normal((1.0 / 4.0 + y / sigma**2) / prec, jnp.sqrt(1 / prec)))
+
+
+SIGMA = jnp.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+Y = jnp.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+
+
+def test_static_arguments_stay_static_and_the_bound_is_exact():
+    m, g, params = from_numpyro(schools_given_globals, schools_posterior, jax.random.key(0), 8, SIGMA, Y,
+                                data_plate="J")
+    loss, aux = jax.jit(je.iwae(m, g, num_samples=4, estimator="dreg"))(params, jax.random.key(1), (SIGMA, Y))
+    exact = jax.scipy.stats.norm.logpdf(Y, 1.0, jnp.sqrt(4.0 + SIGMA**2))   # p(y_j) = N(mu, tau^2 + sigma_j^2)
+    np.testing.assert_allclose(aux["bound"], exact, rtol=1e-5)
+    np.testing.assert_allclose(aux["log_weights"], jnp.broadcast_to(exact[:, None], (8, 4)), rtol=1e-5)
+
+
+def test_plate_mode_refuses_what_it_cannot_read_in_one_line():
+    with pytest.raises(ValueError, match=r"no plate of that name \(its plates: \['data'\]\)"):
+        from_numpyro(batch_model, batch_off_guide, jax.random.key(0), X, data_plate="batch")
+    with pytest.raises(ValueError, match=r"subsamples plate 'data' \(size 6, subsample_size 3\): pass the whole "
+                                         r"data set and data_plate='data'"):
+        from_numpyro(subsampled_model, subsampled_guide, jax.random.key(0), X, 3)
+
+    def global_mean(xs):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", xs.shape[0]):
+            numpyro.sample("x", dist.Normal(mu, 1.0), obs=xs)
+
+    with pytest.raises(ValueError, match=r"latent sites \['mu'\] lie outside the data plate 'data'"):
+        from_numpyro(global_mean, AutoNormal(global_mean), jax.random.key(0), X[:, 0], data_plate="data")
+    m, g, params = from_numpyro(batch_model, batch_off_guide, jax.random.key(0), X, data_plate="data")
+    with pytest.raises(ValueError, match="lost an axis: x needs a leading batch axis B"):
+        je.iwae(m, g, num_samples=2)(params, jax.random.key(0), X[0])
+    with pytest.raises(ValueError, match=r"shapes \[\(3,\)\], but the data arguments' rows had shapes \[\(2,\)\]"):
+        je.iwae(m, g, num_samples=2)(params, jax.random.key(0), jnp.ones((4, 3)))

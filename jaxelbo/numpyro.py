@@ -494,8 +494,8 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
         global_latents = [n for n in model_latents if not _in_plate(model_trace[n], plate)]
         if global_latents:
             raise ValueError(f"latent sites {global_latents} lie outside the data plate {plate!r} (global "
-                             "latents): from_numpyro(data_plate=...) bridges local latents only; pass data_plate=None and "
-                             "the whole data set as one example (a batch of one) instead")
+                             "latents): from_numpyro(data_plate=...) bridges local latents only; pass "
+                             "data_plate=None and the whole data set as one example (a batch of one) instead")
     _check_supports(model_trace, guide_trace, model_latents)
     _check_observed_shapes(model_trace)
     model_transforms, guide_transforms = _param_transforms(model_trace), _param_transforms(guide_trace)

@@ -4,7 +4,6 @@ Run from a source checkout::
 
     python benchmarks/throughput.py --out benchmarks/results   # full run (several minutes on 2 CPU cores)
     python benchmarks/throughput.py --fast     # smoke run, into runs/bench
-    jaxelbo bench --fast                       # the same code through the CLI
 
 What is measured (all in one process, contenders interleaved in a shuffled order on
 every repetition so that drift of a shared machine hits them alike; medians; jit
@@ -73,7 +72,6 @@ from references import burda  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
 from jaxelbo import registry  # noqa: E402
-from jaxelbo.app import bench  # noqa: E402
 from jaxelbo.app.environment import describe  # noqa: E402
 
 GRAD_RTOL = 1e-3  # max |a - b| / max |b| per leaf, float32 sums over B*K samples
@@ -606,6 +604,70 @@ class _NoBar:
         pass
 
 
+#: where results go unless ``--out`` is given (relative to the current directory)
+DEFAULT_OUT = Path("runs") / "bench"
+_PACKAGE = Path(je.__file__).resolve().parent  # results are never written inside the jaxelbo package
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's flags."""
+    parser.add_argument("--num-samples", type=int, nargs="+", default=None, metavar="K",
+                        help="numbers of importance samples K (default 1 8 64 512; --fast: 1 8)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step B (default 64)")
+    parser.add_argument("--repetitions", type=int, default=None,
+                        help="timed repetitions per contender, interleaved (default 20; --fast: 3)")
+    parser.add_argument("--objective", nargs="+", default=None,
+                        help="objectives to time (default: all of je.OBJECTIVES)")
+    parser.add_argument("--estimator", nargs="+", default=None,
+                        help="estimators to time (default: every one each objective supports); every "
+                             "supported objective x estimator pair of the two lists is timed, and an "
+                             "objective or estimator that forms no supported pair is refused, as by train")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the hand-batched JAX, PyTorch and TFP references (the output lists what "
+                             "was skipped and why)")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="skip the gradient-step timings (sections log_likelihood and SNR only)")
+    parser.add_argument("--no-log-likelihood", action="store_true", help="skip the log_likelihood timing")
+    parser.add_argument("--no-snr", action="store_true", help="skip the vmapped-vs-loop SNR sweep")
+    parser.add_argument("--no-loop", action="store_true",
+                        help="skip the training-loop section (jaxelbo train's loop vs a tight loop)")
+    parser.add_argument("--only-loop", action="store_true",
+                        help="run the training-loop section alone; writes training-loop-<device>.{json,md}")
+    parser.add_argument("--loop-num-samples", type=int, nargs="+", default=None, metavar="K",
+                        help="K of the training-loop section (default 1 8 64; --fast: 1 8)")
+    parser.add_argument("--ll-num-samples", type=int, default=None,
+                        help="K of the log_likelihood benchmark (default 5000; --fast: 500)")
+    parser.add_argument("--ll-num-points", type=int, default=None,
+                        help="test points of the log_likelihood benchmark (default 1000; --fast: 100)")
+    parser.add_argument("--ll-chunk-sizes", type=int, nargs="+", default=None,
+                        help="chunk sizes compared by the log_likelihood benchmark (default 50 500)")
+    parser.add_argument("--num-replicates", type=int, default=None,
+                        help="R of the SNR sweep (default 1000; --fast: 100)")
+    parser.add_argument("--model", choices=("flax", "plain"), default="flax",
+                        help="the VAE under test: jaxelbo.models.vae (flax NNX, default) or the same "
+                             "network as plain per-example JAX functions")
+    parser.add_argument("--fast", action="store_true", help="smoke run: small sizes, few repetitions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None,
+                        help="directory for throughput-<device>.{json,md} (default runs/bench under the "
+                             "current directory; pass --out benchmarks/results to refresh the committed results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_dir(out: str | Path | None) -> Path:
+    """The directory results are written to: ``out``, or ``runs/bench`` under the current directory.
+
+    Raises:
+      ValueError: ``out`` lies inside the installed jaxelbo package.
+    """
+    path = Path(out) if out else Path.cwd() / DEFAULT_OUT
+    resolved = path.resolve()
+    if resolved == _PACKAGE or _PACKAGE in resolved.parents:
+        raise ValueError(f"--out {path} is inside the jaxelbo package ({_PACKAGE}); write results elsewhere "
+                         f"(default: {DEFAULT_OUT} under the current directory)")
+    return path
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
     base = FAST if args.fast else DEFAULTS
     cfg = {key: (getattr(args, key) if getattr(args, key, None) is not None else value)
@@ -626,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         selected_pairs(cfg["objective"], cfg["estimator"])
-        out_dir = bench.output_dir(args.out)  # runs/bench under the current directory by default
+        out_dir = output_dir(args.out)  # runs/bench under the current directory by default
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
@@ -679,7 +741,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench.add_arguments(parser)
+    add_arguments(parser)
     return run(parser.parse_args(argv))
 
 

@@ -11,7 +11,7 @@ loop's efficiency: 1.0 means the loop adds nothing to the step.
 Setting: ``jaxelbo train``'s defaults (digits, 64-200-200-50 VAE, IWAE-DReG, dynamic
 binarisation, Adam, a record every 50 steps) at batch ``B`` and each ``K``. Both are
 timed alternately in a shuffled order, repeated; wall and process CPU time; medians of
-the per-round ratios. Written by ``benchmarks/throughput.py`` (``jaxelbo bench``).
+the per-round ratios. Written by ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations

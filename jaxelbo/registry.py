@@ -15,7 +15,7 @@ register themselves at the end of :mod:`jaxelbo.objectives`; a new one is one ca
 
     registry.register("jvi", jvi, estimators=("reparam", "dreg"))
 
-after which :func:`make`, ``jaxelbo train --objective jvi``, ``jaxelbo bench`` and the
+after which :func:`make`, ``jaxelbo train --objective jvi``, the throughput benchmark and the
 conformance tests know it.
 
 Example:

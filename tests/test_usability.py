@@ -69,6 +69,24 @@ def test_version_and_plain_help():
     assert "``" not in help_text and "train" in help_text and "--version" in help_text
 
 
+def test_help_and_version_import_no_jax():
+    """The console script (jaxelbo_cli:main) parses --help and --version without importing JAX, and a
+    command's module only when that command is named."""
+    script = ("import sys, jaxelbo_cli\n"
+              "for argv in (['--help'], ['--version'], ['bogus']):\n"
+              "    try:\n"
+              "        jaxelbo_cli.main(argv)\n"
+              "    except SystemExit:\n"
+              "        pass\n"
+              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'jaxelbo', 'numpy'))\n"
+              "print('HEAVY', heavy, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr, proc.stderr[-2000:]
+    assert "train" in proc.stdout and "evaluate" in proc.stdout and "snr" in proc.stdout
+    assert "invalid choice: 'bogus'" in proc.stderr
+
+
 def test_py_typed_ships_with_the_package():
     assert (Path(je.__file__).parent / "py.typed").is_file()
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()

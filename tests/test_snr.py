@@ -315,6 +315,25 @@ def test_command_flags():
     assert cmd.run(args) == 2
 
 
+def test_estimators_are_spelled_as_train_spells_them(capsys):
+    from jaxelbo.app.cli import build_parser
+    from jaxelbo.app.commands import snr as cmd
+
+    def estimators(*flags):
+        return cmd.resolve_settings(build_parser().parse_args(["snr", *flags]))["estimators"]
+
+    assert estimators() == ("reparam", "stl", "dreg")
+    assert estimators("--objective", "iwae", "--estimator", "stl") == ("stl",)
+    assert estimators("--objective", "jvi", "--estimator", "dreg") == estimators("--objective", "jvi") == ("jvi-dreg",)
+    assert estimators("--objective", "rws", "--estimator", "dreg") == ("dreg-alpha",)
+    assert capsys.readouterr().err == ""
+    # the old spelling still works, with a note naming the new one
+    assert estimators("--estimator", "jvi-dreg", "--estimator", "dreg") == ("jvi-dreg", "dreg")
+    assert "use --objective jvi --estimator dreg" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--objective jvi does not support --estimator stl"):
+        estimators("--objective", "jvi", "--estimator", "stl")
+
+
 @pytest.mark.slow
 def test_m_slopes_and_cli_end_to_end(tmp_path):
     """MIWAE: every estimator's SNR grows as sqrt(M) at fixed K; the command writes its files."""

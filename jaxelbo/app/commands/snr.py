@@ -48,9 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest M of a geometric grid from 1 (instead of --m-grid)")
     parser.add_argument("--num-inner", type=int, default=rainforth.DEFAULT_NUM_INNER,
                         help=f"K held fixed in the M sweep (default {rainforth.DEFAULT_NUM_INNER})")
+    parser.add_argument("--objective", choices=tuple(dict.fromkeys(o for o, _ in TRAIN_SPELLING)), default="iwae",
+                        help="the bound, as jaxelbo train names it (default iwae); jvi and rws: --estimator dreg "
+                        f"only (JVI-DReG; RWS's DReG(alpha = {rainforth.DREG_ALPHA})), K sweep only")
     parser.add_argument("--estimator", action="append", choices=rainforth.SWEEP_ESTIMATORS, default=None,
                         help="estimator to sweep; repeat the flag for several (default: reparam, stl and dreg "
-                        "of IWAE; jvi-dreg is JVI-DReG and dreg-alpha RWS's DReG(alpha = 0.9), K sweep only)")
+                        "for iwae, dreg for jvi and rws); jvi-dreg and dreg-alpha are deprecated spellings of "
+                        "--objective jvi --estimator dreg and --objective rws --estimator dreg")
     parser.add_argument("--dim", type=int, default=20, help="latent and data dimension D (default 20)")
     parser.add_argument("--num-points", type=int, default=1024, help="data set size N (default 1024)")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -68,6 +72,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--replot", action="store_true",
                         help="no sweep: rewrite csv, md and png from the snr.json already in --out")
+
+
+#: ``jaxelbo train``'s vocabulary (``--objective O --estimator E``) -> the sweep's estimator names
+TRAIN_SPELLING = {**{("iwae", e): e for e in rainforth.ESTIMATORS},
+                  ("jvi", "dreg"): "jvi-dreg", ("rws", "dreg"): "dreg-alpha"}
+
+
+def sweep_estimators(objective: str, estimators: list[str] | None) -> tuple[str, ...]:
+    """The sweep's estimator names for ``--objective`` and the ``--estimator`` flags (train's spelling).
+
+    The old names ``jvi-dreg`` and ``dreg-alpha`` are still taken (deprecated), with a note on stderr.
+    """
+    chosen = []
+    for e in estimators or ([e for o, e in TRAIN_SPELLING if o == objective]):
+        if e in rainforth.FRONTIER_ESTIMATORS:
+            new = next(f"--objective {o} --estimator {f}" for (o, f), name in TRAIN_SPELLING.items() if name == e)
+            print(f"jaxelbo snr: note: --estimator {e} is deprecated; use {new}", file=sys.stderr)
+            chosen.append(e)
+        elif (objective, e) in TRAIN_SPELLING:
+            chosen.append(TRAIN_SPELLING[(objective, e)])
+        else:
+            valid = ", ".join(f for o, f in TRAIN_SPELLING if o == objective)
+            raise ValueError(f"--objective {objective} does not support --estimator {e} in the sweep; valid: {valid}")
+    return tuple(dict.fromkeys(chosen))
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +130,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "k_grid": grid(args.k_grid, args.max_num_samples, fast["max_num_samples"], rainforth.DEFAULT_K_GRID),
         "m_grid": grid(args.m_grid, args.max_num_outer, fast["max_num_outer"], rainforth.DEFAULT_M_GRID),
         "num_inner": args.num_inner,
-        "estimators": tuple(dict.fromkeys(args.estimator or rainforth.ESTIMATORS)),
+        "estimators": sweep_estimators(getattr(args, "objective", "iwae"), args.estimator),
         "dim": args.dim,
         "num_points": args.num_points,
         "batch_size": args.batch_size,

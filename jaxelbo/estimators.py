@@ -58,7 +58,7 @@ from jaxelbo.log_weights import (
 )
 from jaxelbo.types import Guide, Model, PyTree
 
-ESTIMATORS = ("reparam", "stl", "dreg", "score", "vimco")
+ESTIMATORS = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")  # ovis: jaxelbo.ovis
 PATHWISE = ("reparam", "stl", "dreg")
 SCORE_FUNCTION = ("score", "vimco")
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo import estimators as est
-from jaxelbo import registry, wake_sleep
+from jaxelbo import ovis, registry, wake_sleep
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
 from jaxelbo.log_weights import effective_sample_size, log_mean_exp
 from jaxelbo.psis import psis_khat, psis_tail_size
@@ -120,7 +120,8 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
                       signal_fn={"score": est.elbo_score_signal})
 
 
-def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam") -> LossFn:
+def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam",
+         gamma: float | None = None, num_auxiliary: int | None = None) -> LossFn:
     """The importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, arXiv:1509.00519).
 
     .. math:: \\mathcal{L}_K = \\log \\frac{1}{K} \\sum_k \\tilde w_k
@@ -135,8 +136,12 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
       model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_samples: K >= 1 importance samples per example.
-      estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score`` or ``vimco`` (the
-        last two also for discrete latents).
+      estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score``, ``vimco``, ``ovis`` or
+        ``ovis-mc`` (the last four also for discrete latents; ``ovis``/``ovis-mc`` are the
+        control variates of Liévin et al. 2020, arXiv:2008.01998, see :mod:`jaxelbo.ovis`).
+      gamma: ``ovis`` only: the asymptotic control variate's ``gamma`` (default 1, the
+        paper's; biased unless 0, see :mod:`jaxelbo.ovis`).
+      num_auxiliary: ``ovis-mc`` only: S extra draws for the control variate (default K).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -157,9 +162,20 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
       (['bound', 'ess', 'khat', 'log_weights'], ['guide', 'model'])
     """
     k = check_count("num_samples", num_samples)
+    for name, value, user in (("gamma", gamma, "ovis"), ("num_auxiliary", num_auxiliary, "ovis-mc")):
+        if value is not None and estimator != user:
+            raise ValueError(f"iwae: {name} is a setting of estimator {user!r} only, not of {estimator!r}")
+    if estimator in ("ovis", "ovis-mc") and k < 2:
+        raise ValueError(f"iwae: estimator {estimator!r} leaves one sample out, so it needs num_samples >= 2")
+    if estimator == "ovis-mc":
+        check_model_guide(model, guide)
+        s = k if num_auxiliary is None else check_count("num_auxiliary", num_auxiliary)
+        return ovis.ovis_mc_loss(model, guide, num_samples=k, num_auxiliary=s)
+    g = ovis.DEFAULT_GAMMA if gamma is None else check_real("gamma", gamma)
     return _objective("iwae", model, guide, estimator=estimator, sample_shape=(k,),
                       bound_fn=log_mean_exp, dreg_ratio=_softmax,
-                      signal_fn={"score": est.iwae_score_signal, "vimco": est.vimco_signal})
+                      signal_fn={"score": est.iwae_score_signal, "vimco": est.vimco_signal,
+                                 "ovis": lambda lw: ovis.ovis_asymptotic_signal(lw, g)})
 
 
 def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
@@ -539,7 +555,7 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repar
 # --------------------------------------------------------------------------------------
 
 registry.register("elbo", elbo, estimators=("reparam", "stl", "score"))
-registry.register("iwae", iwae, estimators=("reparam", "stl", "dreg", "score", "vimco"))
+registry.register("iwae", iwae, estimators=("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc"))
 registry.register("miwae", miwae, estimators=("reparam", "stl", "dreg"), nested=True)
 registry.register("ciwae", ciwae, estimators=("reparam", "stl", "dreg"), keywords={"beta": 0.5})
 registry.register("piwae", piwae, estimators=("reparam", "dreg"), nested=True)

@@ -39,7 +39,7 @@ def test_objectives_table_is_read_from_the_registry():
         assert je.OBJECTIVES[name] == spec.estimators
         assert set(spec.estimators) <= set(je.ESTIMATORS)
         assert spec.constructor is getattr(je, name)
-    assert dict(je.OBJECTIVES)["iwae"] == ("reparam", "stl", "dreg", "score", "vimco")
+    assert dict(je.OBJECTIVES)["iwae"] == ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")
 
 
 def test_extra_keywords_and_their_defaults():

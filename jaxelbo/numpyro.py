@@ -74,7 +74,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from jaxelbo.types import Guide, Model, PyTree
 
-__all__ = ["constrained_params", "from_numpyro", "unconstrained_params"]
+__all__ = ["constrained_params", "from_numpyro", "global_local_iwae", "unconstrained_params"]
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +352,9 @@ def _example_layout(example_args: tuple) -> _Layout:
 
 
 def _is_data(arg: Any, size: int) -> bool:
-    return hasattr(arg, "shape") and len(arg.shape) >= 1 and arg.shape[0] == size
+    """An array (or a dict of arrays) with a leading axis of the data plate's size."""
+    leaves = list(arg.values()) if isinstance(arg, dict) and arg else [arg]
+    return all(hasattr(a, "shape") and len(a.shape) >= 1 and a.shape[0] == size for a in leaves)
 
 
 def _plate_layout(model_fn: Callable, guide_fn: Callable, rng: jax.Array, args: tuple, plate: str) -> _Layout:
@@ -376,10 +378,10 @@ def _plate_layout(model_fn: Callable, guide_fn: Callable, rng: jax.Array, args: 
                              f"a tuple of {len(positions)} batches; got {type(x).__name__}")
         out = list(args)
         for i, row in zip(positions, rows, strict=True):
-            out[i] = jnp.asarray(row)[None]
+            out[i] = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], row)
         return tuple(out)
 
-    first = tuple(args[i][0] for i in positions)
+    first = tuple(jax.tree_util.tree_map(lambda a: a[0], args[i]) for i in positions)
     first_x = first[0] if len(positions) == 1 else first
     return _Layout(call_args=call_args, first=call_args(first_x), example_shapes=_shapes(first_x),
                    plate=plate, size=size, wrap=lambda fn: _DataPlate(fn, plate, one=True))
@@ -494,8 +496,8 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
         global_latents = [n for n in model_latents if not _in_plate(model_trace[n], plate)]
         if global_latents:
             raise ValueError(f"latent sites {global_latents} lie outside the data plate {plate!r} (global "
-                             "latents): from_numpyro(data_plate=...) bridges local latents only; pass "
-                             "data_plate=None and the whole data set as one example (a batch of one) instead")
+                             "latents): from_numpyro(data_plate=...) bridges local latents only; use "
+                             "jaxelbo.numpyro.global_local_iwae")
     _check_supports(model_trace, guide_trace, model_latents)
     _check_observed_shapes(model_trace)
     model_transforms, guide_transforms = _param_transforms(model_trace), _param_transforms(guide_trace)
@@ -572,3 +574,149 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     return (Model(log_prior=log_prior, log_likelihood=log_likelihood),
             Guide(sample=sample, log_prob=log_prob), params)
 
+
+
+# --------------------------------------------------------------------------------------
+# Global and local latents
+# --------------------------------------------------------------------------------------
+
+
+def _global_sites(model_fn: Callable, guide_fn: Callable, rng: jax.Array, args: tuple,
+                  plate: str) -> tuple[list[str], int]:
+    """The model's latent sites outside the data plate, and the plate's size N."""
+    full = (_DataPlate(model_fn, plate, one=False), _DataPlate(guide_fn, plate, one=False))
+    model_trace, _ = _traces(*full, rng, args)
+    if plate not in model_trace or model_trace[plate]["type"] != "plate":
+        plates = [n for n, s in model_trace.items() if s["type"] == "plate"]
+        raise ValueError(f"data_plate={plate!r}, but the model has no plate of that name (its plates: {plates})")
+    names = [n for n, s in model_trace.items() if _is_latent(s) and not _in_plate(s, plate)]
+    return names, int(model_trace[plate]["args"][0])
+
+
+def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *args: Any, data_plate: str,
+                      num_samples: int, num_global_samples: int = 1,
+                      estimator: str = "dreg") -> tuple[Callable, dict]:
+    r"""A bound for a NumPyro model with global latents and a data plate of local ones.
+
+    The model ``p(beta) prod_n p(z_n | beta) p(x_n | z_n, beta)`` has global latents
+    ``beta`` (the latent sites outside the data plate) and local ones ``z_n`` (inside it);
+    the guide is ``q(beta) prod_n q(z_n | x_n, beta)``. The bound is a
+    ``num_global_samples``-sample ELBO over the globals with, given each global draw, an
+    IWAE bound of ``num_samples`` samples per data point:
+
+    .. math:: \mathcal{L} = \mathbb{E}_{q(\beta)}\Big[\log \frac{p(\beta)}{q(\beta)}
+       + \sum_{n=1}^{N} \mathbb{E}\Big[\log \frac1K \sum_{k=1}^K
+       \frac{p(x_n, z_{nk} \mid \beta)}{q(z_{nk} \mid x_n, \beta)}\Big]\Big] \le \log p(x_{1:N}),
+
+    (Jensen twice: inside, ``E log mean_k w_nk <= log p(x_n | beta)``; outside, the ELBO
+    of ``beta``). It equals ``log p(x_{1:N})`` when both guides are exact. A batch of B
+    data points drawn uniformly from the N estimates the sum over n by ``N/B`` times the
+    batch's sum, so the estimate is unbiased for the full-data bound under subsampling.
+    Gradients: the locals get ``estimator``'s gradient of their IWAE given ``beta``
+    (``dreg``, ``reparam``, ``stl``, or ``score`` / ``vimco`` for discrete locals); the
+    global draw ``beta = t(eps, phi)`` is reparameterised and its gradient is the plain
+    autodiff one: the local bound's value differentiated through ``beta`` with the
+    parameters held (one more forward pass of the local bound, on the same samples).
+
+    Args:
+      model_fn, guide_fn: a NumPyro model and guide written for the whole data set, as
+        for :func:`from_numpyro` with ``data_plate``. The guide's global sites must be
+        reparameterised and must not depend on the data.
+      rng: a PRNG key, to run both once and initialise their parameters.
+      *args: the model's arguments for the whole data set (static ones stay static).
+      data_plate: the name of the data plate.
+      num_samples: K, the importance samples per data point and global draw.
+      num_global_samples: G, the draws of ``beta`` per step.
+      estimator: the local latents' estimator, as for :func:`jaxelbo.iwae`.
+
+    Returns:
+      ``(loss_fn, params)``: ``loss_fn(params, rng, x)`` with ``x`` the data arguments'
+      rows (a batch of data points, as with :func:`from_numpyro`), returning ``(loss,
+      aux)``; ``aux["bound"]`` (B,) are the per-data-point shares
+      ``mean_g [log p(beta_g)/q(beta_g) / N + IWAE_K(x_b | beta_g)]``, so
+      ``N * mean_b aux["bound"]`` estimates :math:`\mathcal{L}` and ``loss`` is
+      ``-mean_b aux["bound"]``; ``aux["log_weights"]`` is (B, G, K).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+      >>> from numpyro.infer.autoguide import AutoNormal
+      >>> from jaxelbo.numpyro import global_local_iwae
+      >>> def model(x):
+      ...     mu = numpyro.sample("mu", dist.Normal(0.0, 3.0))
+      ...     with numpyro.plate("data", x.shape[0]):
+      ...         z = numpyro.sample("z", dist.Normal(mu, 1.0))
+      ...         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+      >>> x = jnp.linspace(-1.0, 2.0, 10)
+      >>> loss_fn, params = global_local_iwae(model, AutoNormal(model), jax.random.key(0), x,
+      ...                                     data_plate="data", num_samples=4)
+      >>> loss, aux = jax.jit(loss_fn)(params, jax.random.key(1), x[:5])   # a minibatch of 5
+      >>> aux["bound"].shape, aux["log_weights"].shape
+      ((5,), (5, 1, 4))
+
+    References:
+      Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519 (the local IWAE bound);
+      Hoffman, Blei, Wang & Paisley (2013), "Stochastic variational inference", JMLR 14
+      (global and local latents, the N/B scaling of a minibatch).
+    """
+    from jaxelbo import iwae
+
+    if num_global_samples < 1:
+        raise ValueError(f"num_global_samples must be >= 1; got {num_global_samples}")
+    names, size = _global_sites(model_fn, guide_fn, rng, args, data_plate)
+    if not names:
+        raise ValueError(f"the model has no latent site outside the data plate {data_plate!r}: use "
+                         f"from_numpyro(..., data_plate={data_plate!r}) and any jaxelbo objective")
+    one_guide = _DataPlate(guide_fn, data_plate, one=True)
+
+    def given(fn: Callable) -> Callable:
+        def conditioned(*call_args):
+            *rest, beta = call_args
+            return handlers.condition(fn, data=jax.tree_util.tree_map(lambda a: a[0], beta))(*rest)
+
+        return conditioned
+
+    # the globals' first values, one per data point, travel as an extra data argument
+    first_args = _plate_layout(model_fn, guide_fn, rng, args, data_plate).first
+    guide_trace = _trace(one_guide, first_args, rng=rng)
+    missing = [n for n in names if n not in guide_trace]
+    if missing:
+        raise ValueError(f"model latent sites {missing} have no site of the same name in the guide")
+    not_reparam = [n for n in names if not guide_trace[n]["fn"].has_rsample]
+    if not_reparam:
+        raise ValueError(f"global guide sites {not_reparam} are not reparameterisable: global_local_iwae needs "
+                         "reparameterised globals")
+    beta0 = {n: jnp.broadcast_to(guide_trace[n]["value"], (size, *jnp.shape(guide_trace[n]["value"])))
+             for n in names}
+    model, guide, params = from_numpyro(given(model_fn), given(guide_fn), rng, *args, beta0,
+                                        data_plate=data_plate)
+    guide_transforms = _param_transforms(guide_trace)
+    local = iwae(model, guide, num_samples=num_samples, estimator=estimator)
+    path = iwae(model, guide, num_samples=num_samples, estimator="reparam")
+    num_data_args = sum(_is_data(a, size) for a in args)
+
+    def sample_globals(phi: dict, key: jax.Array) -> tuple[dict, jax.Array]:
+        trace = _trace(one_guide, first_args, _substitution(_constrain(phi, guide_transforms), {}), rng=key)
+        return {n: trace[n]["value"] for n in names}, _sum([_site_log_prob(trace[n]) for n in names])
+
+    def loss_fn(params: dict, rng: jax.Array, x: Any) -> tuple[jax.Array, dict]:
+        rows = (x,) if num_data_args == 1 else tuple(x)
+        batch = jax.tree_util.tree_leaves(rows)[0].shape[0]
+        rng_global, rng_local = jax.random.split(rng)
+
+        def one_draw(key_global, key_local):
+            beta, log_q = sample_globals(params["guide"], key_global)
+            beta_rows = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (batch, *jnp.shape(a))), beta)
+            loss, aux = local(params, key_local, (*rows, jax.lax.stop_gradient(beta_rows)))
+            # beta's path: the local bound's value differentiated through beta, parameters held
+            # (the rerouting estimators do not pass a gradient to their x)
+            through_beta = path(jax.lax.stop_gradient(params), key_local, (*rows, beta_rows))[0]
+            loss = loss + through_beta - jax.lax.stop_gradient(through_beta)
+            return loss + log_q / size, aux["bound"] - log_q / size, aux["log_weights"]
+
+        keys = (jax.random.split(rng_global, num_global_samples), jax.random.split(rng_local, num_global_samples))
+        losses, bounds, log_weights = jax.vmap(one_draw)(*keys)
+        bound = jnp.mean(bounds, axis=0)
+        aux = {"bound": bound, "log_weights": jnp.moveaxis(log_weights, 0, 1)}
+        return jnp.mean(losses), aux
+
+    return loss_fn, params

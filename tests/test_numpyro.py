@@ -514,3 +514,88 @@ def test_plate_mode_refuses_what_it_cannot_read_in_one_line():
         je.iwae(m, g, num_samples=2)(params, jax.random.key(0), X[0])
     with pytest.raises(ValueError, match=r"shapes \[\(3,\)\], but the data arguments' rows had shapes \[\(2,\)\]"):
         je.iwae(m, g, num_samples=2)(params, jax.random.key(0), jnp.ones((4, 3)))
+
+
+# --------------------------------------------------------------------------------------
+# Global and local latents: mu ~ N(0, S0^2), z_n | mu ~ N(mu, 1), x_n | z_n ~ N(z_n, 1)
+# --------------------------------------------------------------------------------------
+
+S0 = 2.0
+XG = jnp.array([0.5, -1.0, 2.0, 1.5, 0.0, 3.0])
+POST_PREC = 1 / S0**2 + len(XG) / 2            # p(mu | x) = N(sum(x) / 2 / prec, 1 / prec)
+POST_MEAN = float(jnp.sum(XG) / 2 / POST_PREC)
+
+
+def global_mean_model(x):
+    mu = numpyro.sample("mu", dist.Normal(0.0, S0))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(mu, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def global_mean_guide(x, m=POST_MEAN, s=POST_PREC**-0.5):  # exact locals given mu: N((mu + x_n)/2, 1/2)
+    mu = numpyro.sample("mu", dist.Normal(numpyro.param("m", m),
+                                          numpyro.param("s", s, constraint=dist.constraints.positive)))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("z", dist.Normal((mu + x) / 2, math.sqrt(0.5)))
+
+
+def off_global_guide(x):
+    global_mean_guide(x, m=0.3, s=0.5)
+
+
+def log_evidence(x):  # x ~ N(0, 2 I + S0^2 11^T)
+    cov = 2 * jnp.eye(len(x)) + S0**2
+    return jax.scipy.stats.multivariate_normal.logpdf(x, jnp.zeros(len(x)), cov)
+
+
+def global_elbo(m, s, x):  # E_q(mu)[log p(x, mu) - log q(mu)], with the locals integrated exactly
+    e = jnp.sum(-0.5 * jnp.log(4 * jnp.pi) - ((x - m) ** 2 + s**2) / 4)
+    e = e - 0.5 * jnp.log(2 * jnp.pi * S0**2) - (m**2 + s**2) / (2 * S0**2)
+    return e + 0.5 * jnp.log(2 * jnp.pi * math.e * s**2)
+
+
+@pytest.mark.slow  # a few seconds idle: two compiled bounds
+def test_global_local_bound_is_exact_with_exact_guides():
+    from jaxelbo.numpyro import global_local_iwae
+
+    loss_fn, params = global_local_iwae(global_mean_model, global_mean_guide, jax.random.key(0), XG,
+                                        data_plate="data", num_samples=3, num_global_samples=4)
+    loss, aux = jax.jit(loss_fn)(params, jax.random.key(1), XG)
+    np.testing.assert_allclose(len(XG) * jnp.mean(aux["bound"]), log_evidence(XG), rtol=1e-5)
+    np.testing.assert_allclose(loss, -jnp.mean(aux["bound"]), rtol=1e-6)
+    assert aux["log_weights"].shape == (len(XG), 4, 3)
+    off_loss, off_params = global_local_iwae(global_mean_model, off_global_guide, jax.random.key(0), XG,
+                                             data_plate="data", num_samples=3)
+    _, off = jax.jit(off_loss)(off_params, jax.random.key(1), XG)
+    assert len(XG) * jnp.mean(off["bound"]) < log_evidence(XG) - 0.1   # control: an off guide is below
+
+
+@pytest.mark.slow  # a few seconds idle: 16 batches through one compiled bound
+def test_global_local_bound_is_unbiased_under_subsampling():
+    from jaxelbo.numpyro import global_local_iwae
+
+    loss_fn, params = global_local_iwae(global_mean_model, off_global_guide, jax.random.key(0), XG,
+                                        data_plate="data", num_samples=2, num_global_samples=3)
+    run = jax.jit(lambda x: len(XG) * jnp.mean(loss_fn(params, jax.random.key(4), x)[1]["bound"]))
+    subsets = [jnp.array(c) for c in itertools.combinations(range(len(XG)), 2)]
+    # the same global draws (the key) for every subset; the locals are exact, so the mean over
+    # all 15 batches of 2 equals the full-data estimate exactly
+    np.testing.assert_allclose(np.mean([run(XG[c]) for c in subsets]), run(XG), rtol=1e-5)
+    assert abs(float(run(XG[subsets[0]]) - run(XG))) > 0.1              # a single batch is not
+
+
+@pytest.mark.slow  # ~5 s: 2000 replicates of two compiled gradients
+@pytest.mark.parametrize("estimator", ["reparam", "dreg"])
+def test_global_local_gradient_matches_the_exact_one(estimator):
+    from jaxelbo.numpyro import global_local_iwae
+
+    loss_fn, params = global_local_iwae(global_mean_model, off_global_guide, jax.random.key(0), XG,
+                                        data_plate="data", num_samples=3, estimator=estimator)
+    reps = jax.jit(lambda p: je.gradient_replicates(loss_fn, p, jax.random.key(2), XG, num_replicates=2000))(
+        params)["guide"]
+    def exact(m):
+        return jax.grad(lambda m, u: -global_elbo(m, jnp.exp(u), XG) / len(XG), argnums=(0, 1))(m, jnp.log(0.5))
+    for m, should_pass in ((0.3, True), (0.4, False)):                # 0.4: a control the test rejects
+        z = [(reps[k].mean() - e) / (reps[k].std() / math.sqrt(2000)) for k, e in zip("ms", exact(m), strict=True)]
+        assert (max(abs(float(v)) for v in z) < 5.0) == should_pass, (m, z)

@@ -1,5 +1,9 @@
 """The documentation site: `mkdocs build --strict`, an API page covering every public name, and the
-built pages opened in headless Chromium (the API page shows `iwae`'s signature, the math renders).
+built pages opened in headless Chromium (the API page shows `iwae`'s signature, the math renders, a
+notebook page shows its figure).
+
+The build executes the notebooks in fast mode (docs/hooks.py, cached under .cache/notebooks and shared
+with tests/test_notebooks.py), so their pages carry their outputs.
 
 The build needs the `docs` extra; the browser test needs Debian's `chromium` (CI installs it when it
 runs as root with apt) and skips with the reason otherwise. Set JAXELBO_SCREENSHOT_DIR to keep the
@@ -27,7 +31,7 @@ CHROMIUM = os.environ.get("JAXELBO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-dev-shm-usage"]
 
-pytestmark = pytest.mark.slow  # the build takes ~10 s, the browser a few more
+pytestmark = pytest.mark.slow  # the build takes ~10 s (plus the notebooks' fast mode unless cached)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +48,23 @@ def site(tmp_path_factory) -> Path:
 def test_strict_build_writes_every_page(site):
     for page in ("index.html", "getting-started/index.html", "concepts/index.html", "objectives/index.html",
                  "estimators/index.html", "numpyro/index.html", "benchmarks/index.html", "api/index.html",
+                 "training/index.html", "reliability/index.html", "snr/index.html", "performance/index.html",
+                 "cli/index.html", "development/index.html", "notebooks/index.html",
                  "assets/mathjax/tex-mml-chtml.js"):
         assert (site / page).is_file(), page
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     for name in notebooks:
         assert (site / "notebooks" / name / "index.html").is_file(), name
-    # rendered, not executed: the stored notebooks have no outputs, and neither do their pages
-    html = (site / "notebooks" / notebooks[-1] / "index.html").read_text()
-    assert "jp-CodeCell" in html and not re.search(r'class="[^"]*jp-OutputArea-output', html)
+    # the stored notebooks have no outputs; their pages show the outputs of a fast-mode run, figures included
+    for name in notebooks:
+        html = (site / "notebooks" / name / "index.html").read_text()
+        assert "jp-CodeCell" in html and re.search(r'class="[^"]*jp-OutputArea-output', html), name
+        assert '<img src="data:image/png;base64,' in html, f"{name}: no figure on its page"
+    # every flag of jaxelbo train, from its parser, on the CLI page; the contributing guide on Development
+    cli = (site / "cli" / "index.html").read_text()
+    for flag in ("--objective", "--max-nonfinite-steps", "--eval-num-points", "--resume"):
+        assert flag in cli, flag
+    assert "Z_MAX" in (site / "development" / "index.html").read_text()
 
 
 def test_api_page_covers_every_public_name(site):
@@ -115,6 +128,11 @@ def test_browser_shows_the_iwae_signature_and_rendered_math(server, tmp_path):
 
         page.goto(f"{server}/notebooks/05_dreg/", wait_until="load")
         page.wait_for_function("() => document.querySelectorAll('mjx-container').length >= 3", timeout=30_000)
+        figure = page.locator(".jp-OutputArea-output img").first
+        figure.scroll_into_view_if_needed()
+        assert figure.is_visible(), "no visible figure on notebook 05's page"
+        width, height = figure.evaluate("img => [img.naturalWidth, img.clientHeight]")
+        assert width > 100 and height > 100, (width, height)
         page.screenshot(path=str(shots / "notebook-05.png"))
         browser.close()
     assert not errors, errors

@@ -1,12 +1,17 @@
 """Execute every notebook in notebooks/ in fast mode (JAXELBO_FAST=1) and fail on any error.
 
 Each notebook runs in a fresh python3 kernel with ``notebooks/`` as the working directory and
-``MPLBACKEND=Agg``; ``JAXELBO_SAVE_FIGURES`` is removed so nothing is written into the tree. The fast
-mode of all six notebooks together takes about two to three minutes on 2 CPU cores.
+matplotlib's inline backend (figures become PNG outputs); ``JAXELBO_SAVE_FIGURES`` is removed so
+nothing is written into the tree. The
+execution is the documentation site's (``executed_notebook`` of ``docs/hooks.py``): its result is
+cached under ``.cache/notebooks`` by the hash of the notebook and of ``jaxelbo/``, and the site renders
+that copy, so a CI run executes each notebook once. The fast mode of all seven notebooks together takes
+about two to three minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -46,17 +51,24 @@ def test_notebook_conventions(path: Path):
     assert "JAXELBO_SAVE_FIGURES" in source
 
 
-@pytest.mark.slow  # ~10-45 s each in fast mode; CI runs them (plain `pytest`)
+def _docs_hooks():
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("jaxelbo_docs_hooks", NOTEBOOK_DIR.parent / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~10-45 s each in fast mode; CI runs them (pytest -m slow)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, monkeypatch):
+def test_notebook_runs(path: Path):
     """Runs the notebook top to bottom in fast mode; any cell error fails the test."""
-    monkeypatch.setenv("JAXELBO_FAST", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.delenv("JAXELBO_SAVE_FIGURES", raising=False)
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
-    client.execute()  # raises CellExecutionError naming the cell and the traceback
+    hooks = _docs_hooks()
+    assert hooks.NOTEBOOK_ENV["JAXELBO_FAST"] == "1" and hooks.CELL_TIMEOUT_S == CELL_TIMEOUT_S
+    executed = hooks.executed_notebook(path)  # raises CellExecutionError naming the cell and the traceback
+    nb = nbformat.read(executed, as_version=4)
+    assert [c.source for c in nb.cells] == [c.source for c in nbformat.read(path, as_version=4).cells]
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+    assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code" and c.source.strip())

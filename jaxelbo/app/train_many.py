@@ -169,7 +169,8 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
       >>> from jaxelbo.models import vae
       >>> net = vae.build(jax.random.key(0), 4, hidden=(8,), latent_dim=2)
       >>> opt = training.make_optimizer(1e-3)
-      >>> step = training.make_train_step(registry.make("iwae", net.model, net.guide, estimator="reparam", num_samples=4), opt)
+      >>> loss_fn = registry.make("iwae", net.model, net.guide, estimator="reparam", num_samples=4)
+      >>> step = training.make_train_step(loss_fn, opt)
       >>> x = np.full((32, 4), 0.5, np.float32)
       >>> runs = [tm.Run(step, net.params, opt.init(net.params), data.BatchIterator(x, 8, s), s) for s in (0, 1)]
       >>> [len(r.history) for r in tm.train_many(runs, num_steps=10, log_every=5)]

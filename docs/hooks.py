@@ -37,7 +37,7 @@ def executed_notebook(path: Path) -> Path:
     stay stripped; ``tests/test_notebooks.py`` runs the notebooks through this same function, so a CI run
     executes each notebook once. Raises nbclient's ``CellExecutionError`` (naming the cell) on any error.
     """
-    out = NOTEBOOK_CACHE / f"{path.stem}-{_source_digest(path)}.ipynb"
+    out = NOTEBOOK_CACHE / f"{path.stem}-{_source_digest(path)}" / path.relative_to(REPO)
     if out.exists():
         return out
     import nbclient
@@ -56,7 +56,7 @@ def executed_notebook(path: Path) -> Path:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    NOTEBOOK_CACHE.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     nbformat.write(nb, tmp)
     os.replace(tmp, out)
@@ -70,10 +70,10 @@ def on_files(files: Files, config) -> Files:
         for path in sorted(REPO.glob(pattern)):
             rel = path.relative_to(REPO).as_posix()
             if files.get_file_from_path(rel) is None:
-                file = File(rel, str(REPO), config.site_dir, config.use_directory_urls)
-                if execute and path.suffix == ".ipynb":
-                    file.abs_src_path = str(executed_notebook(path))  # the page shows the outputs
-                files.append(file)
+                src_dir = REPO
+                if execute and path.suffix == ".ipynb":  # the page renders the executed copy, outputs and all
+                    src_dir = Path(str(executed_notebook(path))[: -len(rel) - 1])
+                files.append(File(rel, str(src_dir), config.site_dir, config.use_directory_urls))
     return files
 
 

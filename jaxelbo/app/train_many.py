@@ -78,7 +78,7 @@ def _chunk_body(step_fn: Callable, batches) -> Callable:
     here follows the same loop as one trained alone.
     """
     compiled = training._compiled_chunk(step_fn, batches.batch_size, batches.num_rows, batches.dynamic, None)
-    return compiled.__wrapped__
+    return compiled.__wrapped__  # type: ignore[attr-defined]  # jax.jit keeps the wrapped function
 
 
 def _groups(runs: Sequence[Run]) -> list[list[int]]:

@@ -10,7 +10,7 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo import registry
-from jaxelbo.app import data, evaluation, training
+from jaxelbo.app import checkpoint, data, evaluation, training
 from jaxelbo.models import vae
 
 D = 64
@@ -107,13 +107,13 @@ def test_interrupted_run_resumes_to_the_same_params(tiny, dreg_step, tmp_path):
         training.train_loop(interrupted, net.params, opt.init(net.params), num_steps=8, out_dir=tmp_path / "b",
                             **kw)
     assert calls == [(0, 2), (2, 4)]
-    assert training.latest_step(tmp_path / "b" / "checkpoints") == 4
+    assert checkpoint.latest_step(tmp_path / "b" / "checkpoints") == 4
     # a record written after the last checkpoint by the interrupted run is dropped on resume
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 7, "split": "train", "bound": 0.0}) + "\n")
     resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, seed=3,
                              out_dir=tmp_path / "b", resume=True, **kw)
-    assert resumed.step == 8 and training.latest_step(tmp_path / "b" / "checkpoints") == 8
+    assert resumed.step == 8 and checkpoint.latest_step(tmp_path / "b" / "checkpoints") == 8
     chex.assert_trees_all_equal(straight.params, resumed.params)
     chex.assert_trees_all_equal(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state))
     a = training.read_metrics(tmp_path / "a" / "metrics.jsonl")
@@ -132,7 +132,7 @@ def test_resume_between_chunk_boundaries_is_bitwise_exact(tiny, dreg_step, tmp_p
                               **kw)
     first = training.train(step, net.params, opt.init(net.params), it, num_steps=5, out_dir=tmp_path / "b",
                            **kw)
-    assert first.step == 5 and training.latest_step(tmp_path / "b" / "checkpoints") == 5
+    assert first.step == 5 and checkpoint.latest_step(tmp_path / "b" / "checkpoints") == 5
     resumed = training.train(step, net.params, opt.init(net.params), it, num_steps=8, out_dir=tmp_path / "b",
                              resume=True, **kw)
     chex.assert_trees_all_equal(straight.params, resumed.params)
@@ -194,13 +194,13 @@ def test_checkpoint_roundtrip(tmp_path):
     params = {"model": {"w": jnp.arange(3.0)}, "guide": {"v": jnp.ones((2, 2))}}
     opt = training.make_optimizer()
     state = opt.init(params)
-    training.save_checkpoint(tmp_path, 7, params, state)
-    step, p, s = training.restore_checkpoint(tmp_path, jax.tree.map(jnp.zeros_like, params), state)
+    checkpoint.save(tmp_path, 7, params, state)
+    step, p, s, _ = checkpoint.restore(tmp_path, jax.tree.map(jnp.zeros_like, params), state)
     assert step == 7
     chex.assert_trees_all_equal(p, params)
     assert jax.tree.structure(s) == jax.tree.structure(state)
     with pytest.raises(FileNotFoundError):
-        training.restore_checkpoint(tmp_path / "none", params, state)
+        checkpoint.restore(tmp_path / "none", params, state)
 
 
 def test_training_improves_the_bound(tiny, dreg_step):

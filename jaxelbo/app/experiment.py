@@ -1,6 +1,8 @@
 """One training experiment of ``jaxelbo train``: settings in, a trained and evaluated VAE out.
 
-* :data:`DEFAULTS`: every setting of a run (the ``jaxelbo train`` flags, as keys).
+* :class:`TrainSettings`: every setting of a run (the ``jaxelbo train`` flags, as fields),
+  frozen; which of them a resume must keep and which change the compiled step is read
+  from the fields' metadata. :data:`DEFAULTS` is its defaults as a dict.
 * :func:`validate` checks them (one line naming the valid choices) before anything runs;
   :func:`objective_kwargs` / :func:`objective_record` resolve the objective's budget split
   and extra keywords through :mod:`jaxelbo.registry`.
@@ -16,29 +18,102 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
 from pathlib import Path
 
-DEFAULTS = {
-    "dataset": "digits", "data_dir": None, "objective": "iwae", "estimator": "dreg", "num_samples": 64,
-    "num_outer": None, "beta": None, "alpha": None, "steps": 3000, "batch_size": 64, "seed": 0,
-    "learning_rate": 1e-3, "guide_learning_rate": None, "hidden": [200, 200], "latent_dim": 50,
-    "binarization": "dynamic", "validation_size": None, "eval_every": 500, "checkpoint_every": 500,
-    "log_every": 50, "eval_num_samples": 5000, "eval_chunk_size": 500, "surgery": True,
-    "max_nonfinite_steps": 100, "stochastic_layers": 1, "eval_num_points": None,
-}
-# Settings that must match when a run is resumed.
-_RESUME_KEYS = ("dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
-                "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
-                "binarization", "validation_size", "stochastic_layers")
+_RESUME = {"resume": True}  # must match when a run is resumed
+_COMPILE = {"resume": True, "compile": True}  # also part of the compiled step's cache key
 
 
-def default_out(settings: dict) -> str:
-    s = settings
-    return f"runs/{s['dataset']}-{s['objective']}-{s['estimator']}-k{s['num_samples']}-s{s['seed']}"
+def _setting(default, meta: dict | None = None):
+    return dataclasses.field(default=default, metadata=meta or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of a ``jaxelbo train`` run (its flags, by name), frozen.
+
+    Each field's metadata says what it is part of: ``resume`` (a resumed run must be
+    given the saved value, see :meth:`resume_mismatches`) and ``compile`` (it changes the
+    compiled step, see :meth:`compile_key`); the rest (steps, logging, evaluation sizes)
+    may change between the sessions of a run.
+
+    Example:
+      >>> s = TrainSettings(num_samples=8)
+      >>> s.resume_mismatches(s.replace(steps=10)), s.resume_mismatches(s.replace(seed=1))
+      ([], ['seed'])
+    """
+
+    dataset: str = _setting("digits", _RESUME)
+    data_dir: str | None = _setting(None)
+    objective: str = _setting("iwae", _COMPILE)
+    estimator: str = _setting("dreg", _COMPILE)
+    num_samples: int = _setting(64, _COMPILE)
+    num_outer: int | None = _setting(None, _COMPILE)
+    beta: float | None = _setting(None, _COMPILE)
+    alpha: float | None = _setting(None, _COMPILE)
+    steps: int = _setting(3000)
+    batch_size: int = _setting(64, _RESUME)
+    seed: int = _setting(0, _RESUME)
+    learning_rate: float = _setting(1e-3, _COMPILE)
+    guide_learning_rate: float | None = _setting(None, _COMPILE)
+    hidden: tuple[int, ...] = _setting((200, 200), _RESUME)
+    latent_dim: int = _setting(50, _RESUME)
+    binarization: str = _setting("dynamic", _RESUME)
+    validation_size: int | None = _setting(None, _RESUME)
+    eval_every: int = _setting(500)
+    checkpoint_every: int = _setting(500)
+    log_every: int = _setting(50)
+    eval_num_samples: int = _setting(5000)
+    eval_chunk_size: int = _setting(500)
+    surgery: bool = _setting(True)
+    max_nonfinite_steps: int = _setting(100)
+    stochastic_layers: int = _setting(1, _RESUME)
+    eval_num_points: int | None = _setting(None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainSettings:
+        """From a dict of settings (e.g. config.json's); missing keys take their default, unknown ones are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """The settings as config.json and summary.json record them (``hidden`` as a list)."""
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
+
+    def replace(self, **changes) -> TrainSettings:
+        return dataclasses.replace(self, **changes)
+
+    def _marked(self, what: str) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.metadata.get(what)]
+
+    def resume_mismatches(self, saved: TrainSettings) -> list[str]:
+        """The names of the settings that a resume of ``saved`` must keep but that differ here."""
+        return [k for k in self._marked("resume") if getattr(saved, k) != getattr(self, k)]
+
+    def compile_key(self) -> tuple:
+        """The values of the settings that change the compiled training step."""
+        return tuple(getattr(self, k) for k in self._marked("compile"))
+
+
+DEFAULTS = TrainSettings().to_dict()  # every setting's default, by name
+
+
+def as_settings(settings: TrainSettings | dict) -> TrainSettings:
+    """``settings`` as :class:`TrainSettings` (a dict: missing keys take their default)."""
+    return settings if isinstance(settings, TrainSettings) else TrainSettings.from_dict(settings)
+
+
+def default_out(settings: TrainSettings | dict) -> str:
+    s = as_settings(settings)
+    return f"runs/{s.dataset}-{s.objective}-{s.estimator}-k{s.num_samples}-s{s.seed}"
 
 
 def environment() -> dict:
@@ -48,63 +123,66 @@ def environment() -> dict:
     return describe()
 
 
-def validate(settings: dict) -> None:
+def validate(settings: TrainSettings | dict) -> None:
     """Raises ValueError (one line, naming the valid choices) before any training."""
     from jaxelbo import registry
 
-    registry.check_estimator(settings["objective"], settings["estimator"])
+    settings = as_settings(settings)
+    registry.check_estimator(settings.objective, settings.estimator)
     objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
     for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "eval_chunk_size",
                 "max_nonfinite_steps"):
-        if key in settings and int(settings[key]) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]}")
+        if int(getattr(settings, key)) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(settings, key)}")
     for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
-        if int(settings[key]) < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
-    if settings.get("eval_num_points") is not None and int(settings["eval_num_points"]) < 1:
-        raise ValueError(f"--eval-num-points must be a positive integer, got {settings['eval_num_points']}")
+        if int(getattr(settings, key)) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(settings, key)}")
+    if settings.eval_num_points is not None and int(settings.eval_num_points) < 1:
+        raise ValueError(f"--eval-num-points must be a positive integer, got {settings.eval_num_points}")
     for key in ("learning_rate", "guide_learning_rate"):
-        rate = settings[key]
+        rate = getattr(settings, key)
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {rate}")
     for key in ("beta", "alpha"):
-        if settings.get(key) is not None and not math.isfinite(settings[key]):
-            raise ValueError(f"--{key} must be finite, got {settings[key]}")
-    layers = settings.get("stochastic_layers", 1)
+        if getattr(settings, key) is not None and not math.isfinite(getattr(settings, key)):
+            raise ValueError(f"--{key} must be finite, got {getattr(settings, key)}")
+    layers = settings.stochastic_layers
     if layers not in (1, 2):
         raise ValueError(f"--stochastic-layers must be 1 or 2, got {layers}")
-    if layers == 2 and (list(settings["hidden"]) != DEFAULTS["hidden"]
-                        or settings["latent_dim"] != DEFAULTS["latent_dim"]):
+    if layers == 2 and (list(settings.hidden) != DEFAULTS["hidden"]
+                        or settings.latent_dim != DEFAULTS["latent_dim"]):
         raise ValueError("--hidden and --latent-dim size the one-layer VAE; --stochastic-layers 2 uses "
                          "Burda et al.'s two-layer sizes (100-100-(100), 50-50-(50))")
 
 
-def check_data(settings: dict, ds) -> None:
+def check_data(settings: TrainSettings, ds) -> None:
     """Raises ValueError (one line naming the flag) if the data cannot feed the run."""
-    if len(ds.train) < int(settings["batch_size"]):
-        raise ValueError(f"--batch-size {settings['batch_size']} is larger than the {len(ds.train)} "
+    if len(ds.train) < int(settings.batch_size):
+        raise ValueError(f"--batch-size {settings.batch_size} is larger than the {len(ds.train)} "
                          f"training images of {ds.name}")
     if len(ds.test) == 0:
         raise ValueError(f"{ds.name} has no test images")
 
 
-def objective_kwargs(settings: dict) -> dict:
+def objective_kwargs(settings: TrainSettings | dict) -> dict:
     """The objective's constructor keywords for ``settings``: ``num_samples``, or
     ``num_outer`` x ``num_inner`` for miwae/piwae, and ``beta``/``alpha`` (given or default)."""
     from jaxelbo import registry
 
-    return registry.objective_kwargs(settings["objective"], num_samples=settings["num_samples"],
-                                     num_outer=settings["num_outer"], beta=settings["beta"],
-                                     alpha=settings["alpha"])
+    settings = as_settings(settings)
+    return registry.objective_kwargs(settings.objective, num_samples=settings.num_samples,
+                                     num_outer=settings.num_outer, beta=settings.beta,
+                                     alpha=settings.alpha)
 
 
-def objective_record(settings: dict) -> dict:
+def objective_record(settings: TrainSettings | dict) -> dict:
     """``{"name", "estimator", **objective_kwargs}``: what config.json and summary.json record,
     e.g. ``{"name": "miwae", "estimator": "dreg", "num_outer": 16, "num_inner": 32}``."""
-    return {"name": settings["objective"], "estimator": settings["estimator"], **objective_kwargs(settings)}
+    settings = as_settings(settings)
+    return {"name": settings.objective, "estimator": settings.estimator, **objective_kwargs(settings)}
 
 
-def build_experiment(settings: dict, cache: dict | None = None):
+def build_experiment(settings: TrainSettings | dict, cache: dict | None = None):
     """``(dataset, vae, loss_fn, optimizer)`` for ``settings`` (validated first).
 
     With a ``cache`` dict, runs of the same architecture share the VAE's functions
@@ -116,39 +194,47 @@ def build_experiment(settings: dict, cache: dict | None = None):
     from jaxelbo.app import data, training
     from jaxelbo.models import vae
 
+    settings = as_settings(settings)
     validate(settings)
-    ds = data.load(settings["dataset"], settings["data_dir"], validation_size=settings["validation_size"])
+    ds = data.load(settings.dataset, settings.data_dir, validation_size=settings.validation_size)
     check_data(settings, ds)
-    net = vae.build(jax.random.key(settings["seed"]), ds.data_dim, hidden=tuple(settings["hidden"]),
-                    latent_dim=settings["latent_dim"], output_bias=vae.data_mean_logits(ds.train),
-                    stochastic_layers=settings.get("stochastic_layers", 1))
+    net = vae.build(jax.random.key(settings.seed), ds.data_dim, hidden=tuple(settings.hidden),
+                    latent_dim=settings.latent_dim, output_bias=vae.data_mean_logits(ds.train),
+                    stochastic_layers=settings.stochastic_layers)
     if cache is not None:
         arch = ("vae", ds.name, json.dumps(net.config))
         net = cache.setdefault(arch, net)._replace(params=net.params)
-    loss_fn = registry.make(settings["objective"], net.model, net.guide, estimator=settings["estimator"],
-                            num_samples=settings["num_samples"], num_outer=settings["num_outer"],
-                            beta=settings["beta"], alpha=settings["alpha"])
-    optimizer = training.make_optimizer(settings["learning_rate"],
-                                        guide_learning_rate=settings["guide_learning_rate"])
+    loss_fn = registry.make(settings.objective, net.model, net.guide, estimator=settings.estimator,
+                            num_samples=settings.num_samples, num_outer=settings.num_outer,
+                            beta=settings.beta, alpha=settings.alpha)
+    optimizer = training.make_optimizer(settings.learning_rate,
+                                        guide_learning_rate=settings.guide_learning_rate)
     return ds, net, loss_fn, optimizer
 
 
-def _check_resume(cfg_path: Path, settings: dict) -> None:
+def _check_resume(cfg_path: Path, settings: TrainSettings) -> None:
     """Raises ValueError (one line) if the saved run's settings differ from ``settings``."""
     try:
         saved = json.loads(cfg_path.read_text())["settings"]
         if not isinstance(saved, dict):
             raise TypeError("settings is not an object")
+        saved_settings = TrainSettings.from_dict(saved)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is not a jaxelbo run configuration ({type(e).__name__}: {e})") from None
-    diff = [k for k in _RESUME_KEYS if saved.get(k, DEFAULTS.get(k)) != settings.get(k)]
+    diff = settings.resume_mismatches(saved_settings)
     if diff:
         raise ValueError("--resume with settings that differ from the saved run: "
-                         + ", ".join(f"{k} (saved {saved.get(k)!r}, given {settings.get(k)!r})" for k in diff))
+                         + ", ".join(f"{k} (saved {_shown(getattr(saved_settings, k))!r}, "
+                                     f"given {_shown(getattr(settings, k))!r})" for k in diff))
 
 
-def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool = False, progress: bool = True,
-                       plots: bool = True, cache: dict | None = None, overwrite: bool = False) -> dict:
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def train_and_evaluate(settings: TrainSettings | dict, out: str | Path | None, *, resume: bool = False,
+                       progress: bool = True, plots: bool = True, cache: dict | None = None,
+                       overwrite: bool = False) -> dict:
     """Trains, evaluates on the test set and writes every output; returns the summary.
 
     ``cache`` (a dict kept by the caller) reuses the compiled step of the same
@@ -162,6 +248,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
     from jaxelbo.app import rundir
 
     t_start = time.perf_counter()
+    settings = as_settings(settings)
     main_process = jax.process_index() == 0
     out = Path(out) if out is not None else None
     if out is not None:
@@ -179,7 +266,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
         except ValueError:
             lock.discard()
             raise
-        rundir.write_json_atomic(out / "config.json", {"settings": settings, "objective": objective,
+        rundir.write_json_atomic(out / "config.json", {"settings": settings.to_dict(), "objective": objective,
                                                         "vae": net.config, "image_shape": list(ds.image_shape)})
     try:
         return _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, resume=resume, progress=progress,
@@ -189,7 +276,7 @@ def train_and_evaluate(settings: dict, out: str | Path | None, *, resume: bool =
             lock.release()
 
 
-def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, progress, plots, cache,
+def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimizer, *, resume, progress, plots, cache,
                         t_start) -> dict:
     import jax
     import numpy as np
@@ -198,9 +285,7 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
 
     main_process = jax.process_index() == 0
     params = net.params
-    key = ("step", ds.name, json.dumps(net.config), settings["objective"], settings["estimator"],
-           settings["num_samples"], settings["num_outer"], settings["beta"], settings["alpha"],
-           settings["learning_rate"], settings["guide_learning_rate"])
+    key = ("step", ds.name, json.dumps(net.config), *settings.compile_key())
     if cache is not None and key in cache:
         step_fn = cache[key]  # same functions, this seed's params
     else:
@@ -214,18 +299,18 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
         mesh = sharding.data_mesh()
         params, opt_state = sharding.replicate(mesh, (params, opt_state))
 
-    batches = data.BatchIterator(ds.train, settings["batch_size"], settings["seed"], settings["binarization"])
-    x_val = data.evaluation_split(ds, "validation", settings["binarization"]) if len(ds.validation) else None
+    batches = data.BatchIterator(ds.train, settings.batch_size, settings.seed, settings.binarization)
+    x_val = data.evaluation_split(ds, "validation", settings.binarization) if len(ds.validation) else None
     eval_fn = None
-    if x_val is not None and settings["eval_every"]:
-        val = evaluation.validation_fn(net.model, net.guide, x_val, seed=settings["seed"])
+    if x_val is not None and settings.eval_every:
+        val = evaluation.validation_fn(net.model, net.guide, x_val, seed=settings.seed)
         eval_fn = (lambda p: jax.tree.map(float, val(p)))
-    result = training.train(step_fn, params, opt_state, batches, num_steps=settings["steps"],
-                            seed=settings["seed"], out_dir=out, write_metrics=main_process, resume=resume,
-                            eval_fn=eval_fn, eval_every=settings["eval_every"],
-                            log_every=settings["log_every"], checkpoint_every=settings["checkpoint_every"],
+    result = training.train(step_fn, params, opt_state, batches, num_steps=settings.steps,
+                            seed=settings.seed, out_dir=out, write_metrics=main_process, resume=resume,
+                            eval_fn=eval_fn, eval_every=settings.eval_every,
+                            log_every=settings.log_every, checkpoint_every=settings.checkpoint_every,
                             progress=progress and main_process, mesh=mesh,
-                            max_nonfinite_steps=settings.get("max_nonfinite_steps"), handle_signals=out is not None)
+                            max_nonfinite_steps=settings.max_nonfinite_steps, handle_signals=out is not None)
     train_seconds = result.prior_seconds + result.wall_seconds  # all sessions of a resumed run
     status = "interrupted" if result.signum else result.status  # a signal in the last chunk: no evaluation
     signum = result.signum
@@ -233,14 +318,14 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
     params = jax.tree.map(jax.numpy.asarray, params)
 
     t_eval = time.perf_counter()
-    x_test = data.evaluation_split(ds, "test", settings["binarization"])[:settings.get("eval_num_points")]
+    x_test = data.evaluation_split(ds, "test", settings.binarization)[:settings.eval_num_points]
     test = None
     if status != "interrupted":
         try:
-            test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings["seed"] + 10_000),
+            test = evaluation.evaluate(net.model, net.guide, params, jax.random.key(settings.seed + 10_000),
                                        x_test, posterior_means=net.posterior_means,
-                                       num_samples_ll=settings["eval_num_samples"],
-                                       chunk_size=settings["eval_chunk_size"], surgery=settings["surgery"],
+                                       num_samples_ll=settings.eval_num_samples,
+                                       chunk_size=settings.eval_chunk_size, surgery=settings.surgery,
                                        progress=progress and main_process)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the command raises it, during the evaluation
             if out is None:
@@ -255,7 +340,7 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
     val_records = [r for r in records if r["split"] == "validation"]
     rates = [r["steps_per_second"] for r in (train_records[1:] or train_records)]
     summary = {
-        "settings": settings,
+        "settings": settings.to_dict(),
         "objective": objective_record(settings),
         "status": status,
         "test": test,
@@ -281,9 +366,9 @@ def _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, *, resume, p
             t0 = time.perf_counter()
             records = training.read_metrics(out / "metrics.jsonl")
             plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
-                                    settings["latent_dim"], seed=settings["seed"], generate=net.generate,
-                                    title=f"{ds.name}: {settings['objective']}-{settings['estimator']}, "
-                                          f"K={settings['num_samples']}")
+                                    settings.latent_dim, seed=settings.seed, generate=net.generate,
+                                    title=f"{ds.name}: {settings.objective}-{settings.estimator}, "
+                                          f"K={settings.num_samples}")
             summary["wall_seconds"]["plots"] = time.perf_counter() - t0
         from jaxelbo.app import rundir
 

@@ -3,10 +3,9 @@
 Losses come from :func:`jaxelbo.registry.make` (an objective and an estimator by name, at a
 sample budget).
 
-* :func:`make_optimizer` builds separate optimisers for the decoder (theta,
-  ``params["model"]``) and the encoder (phi, ``params["guide"]``) with
-  :func:`optax.partition`, wrapped in :func:`skip_non_finite` so that a step with a
-  non-finite gradient or update never reaches the parameters, however many in a row.
+* :func:`jaxelbo.app.optim.make_optimizer` (also named here) builds the optimiser, whose
+  :func:`~jaxelbo.app.optim.skip_non_finite` guard never lets a non-finite step reach the
+  parameters, however many come in a row.
 * :func:`make_train_step` returns the pure, jit-compiled
   ``(params, opt_state, rng, x) -> (params, opt_state, metrics)``.
 * :func:`make_train_chunk` runs many steps in one compiled dispatch: the training set
@@ -14,13 +13,18 @@ sample budget).
   and loss samples with ``jax.random`` from ``(seed, step)`` inside the loop; metrics are
   reduced on the device and fetched once per chunk.
 * :func:`train_loop` is the host loop over chunks (to each log / validation / checkpoint
-  step): a tqdm progress bar, metrics as JSON lines, periodic validation, orbax
-  checkpoints and exact resume (a run resumed from any checkpoint reaches bitwise the
+  step); after each chunk it runs small boundary actions (:func:`log_record`,
+  :func:`divergence_stop`, :func:`validation`, :func:`periodic_checkpoint`,
+  :func:`signal_stop`) over a :class:`LoopState`, with a :class:`MetricsWriter` for the
+  JSON-lines records: a tqdm progress bar, periodic validation, verified checkpoints
+  (:mod:`jaxelbo.app.checkpoint`) and exact resume (a run resumed from any checkpoint reaches bitwise the
   parameters of an uninterrupted one). :func:`train` is both in one call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import signal
@@ -36,108 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxelbo.app.optim import consecutive_non_finite, make_optimizer, skipped_steps
 from jaxelbo.types import LossFn
 
+# make_optimizer, skipped_steps and consecutive_non_finite live in jaxelbo.app.optim; they are
+# named here too because every training script builds its optimiser next to its step.
+__all__ = ["ChunkFn", "StepFn", "TrainResult", "consecutive_non_finite", "make_optimizer", "make_train_chunk",
+           "make_train_step", "next_boundary", "read_metrics", "skipped_steps", "step_key", "train",
+           "train_loop"]
+
 StepFn = Callable[[dict, Any, jax.Array, jax.Array], tuple[dict, Any, dict]]
-
-
-def param_labels(params: dict) -> dict:
-    """``{"model": "model" at every leaf, "guide": "guide" at every leaf}`` for optax.partition."""
-    return {name: jax.tree.map(lambda _, n=name: n, params[name]) for name in params}
-
-
-class SkipNonFiniteState(NamedTuple):
-    """State of :func:`skip_non_finite` (the field names of ``optax.ApplyIfFiniteState``).
-
-    Attributes:
-      notfinite_count: non-finite steps in a row, up to now (0 after a finite step).
-      last_finite: whether the last step was applied.
-      total_notfinite: non-finite steps in all.
-      inner_state: the wrapped optimiser's state (untouched by non-finite steps).
-    """
-
-    notfinite_count: jax.Array
-    last_finite: jax.Array
-    total_notfinite: jax.Array
-    inner_state: Any
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    flags = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-
-
-def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``inner`` so that a non-finite step never reaches the parameters.
-
-    A step is applied only if the gradient, ``inner``'s update and (when ``params`` are
-    given) the updated parameters are all finite; otherwise the update is zero and
-    ``inner``'s state (e.g. Adam's moments) is kept. Unlike ``optax.apply_if_finite``,
-    which applies the update anyway after ``max_consecutive_errors`` non-finite steps in
-    a row, this never gives up: the caller decides when to stop, from
-    :func:`consecutive_non_finite`.
-
-    Args:
-      inner: the optimiser to protect.
-
-    Returns:
-      The wrapped transformation; its state is a :class:`SkipNonFiniteState`.
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def init(params):
-        return SkipNonFiniteState(jnp.zeros([], jnp.int32), jnp.array(True), jnp.zeros([], jnp.int32),
-                                  inner.init(params))
-
-    def update(grads, state, params=None, **extra_args):
-        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-        ok = _all_finite(grads) & _all_finite(updates)
-        if params is not None:
-            ok = ok & _all_finite(optax.apply_updates(params, updates))
-        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-        inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state)
-        bad = (~ok).astype(jnp.int32)
-        return updates, SkipNonFiniteState(notfinite_count=(state.notfinite_count + 1) * bad, last_finite=ok,
-                                           total_notfinite=state.total_notfinite + bad, inner_state=inner_state)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-def make_optimizer(learning_rate: float = 1e-3, *, guide_learning_rate: float | None = None,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-4) -> optax.GradientTransformation:
-    """Adam for theta and phi separately (Burda et al. 2016: beta1 0.9, beta2 0.999, eps 1e-4).
-
-    ``optax.partition`` routes ``params["model"]`` and ``params["guide"]`` to their own
-    Adam (``guide_learning_rate`` defaults to ``learning_rate``); the whole is wrapped in
-    :func:`skip_non_finite`: a step whose gradient or update has a NaN or Inf leaves
-    params and moments untouched and is counted (see :func:`skipped_steps`).
-    """
-    guide_learning_rate = learning_rate if guide_learning_rate is None else guide_learning_rate
-    inner = optax.partition(
-        {"model": optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-         "guide": optax.adam(guide_learning_rate, b1=b1, b2=b2, eps=eps)},
-        param_labels)
-    return skip_non_finite(inner)
-
-
-def _count(opt_state: Any, field: str) -> jax.Array:
-    def has(s):
-        return hasattr(s, field)
-
-    for s in [opt_state, *jax.tree.leaves(opt_state, is_leaf=has)]:
-        if has(s):
-            return jnp.asarray(getattr(s, field))
-    return jnp.zeros((), jnp.int32)
-
-
-def skipped_steps(opt_state: Any) -> jax.Array:
-    """Total non-finite steps skipped (by :func:`skip_non_finite`; 0 if the state has none)."""
-    return _count(opt_state, "total_notfinite")
-
-
-def consecutive_non_finite(opt_state: Any) -> jax.Array:
-    """Non-finite steps in a row up to now (0 if the last step was finite or the state has none)."""
-    return _count(opt_state, "notfinite_count")
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, jit: bool = True,
@@ -170,45 +82,6 @@ LOSS_STREAM = 0
 def step_key(seed: int, step: int) -> jax.Array:
     """The loss's PRNG key at global step ``step``: ``fold_in(fold_in(key(seed), LOSS_STREAM), step)``."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), LOSS_STREAM), step)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(directory: str | Path, step: int, params: dict, opt_state: Any, *,
-                    max_to_keep: int = 2, meta: dict | None = None) -> None:
-    """Saves a verified checkpoint of ``{"params", "opt_state"}`` at ``step``.
-
-    See :func:`jaxelbo.app.checkpoint.save`: a state that is not all finite is refused,
-    and the ``max_to_keep`` newest verified checkpoints are kept.
-    """
-    from jaxelbo.app import checkpoint
-
-    checkpoint.save(directory, step, params, opt_state, keep=max_to_keep, meta=meta)
-
-
-def latest_step(directory: str | Path) -> int | None:
-    """The last saved step in ``directory`` (None if there is no checkpoint)."""
-    from jaxelbo.app import checkpoint
-
-    return checkpoint.latest_step(directory)
-
-
-def restore_checkpoint(directory: str | Path, params: dict, opt_state: Any,
-                       step: int | None = None) -> tuple[int, dict, Any]:
-    """Restores ``(step, params, opt_state)``; ``params``/``opt_state`` give the structure.
-
-    The newest checkpoint that verifies against its checksums is used; each damaged one
-    skipped on the way is reported in one line (:func:`jaxelbo.app.checkpoint.restore`).
-
-    Raises:
-      FileNotFoundError: no checkpoint in ``directory``.
-      jaxelbo.app.checkpoint.CheckpointError: ``step`` (or every checkpoint) is damaged.
-    """
-    from jaxelbo.app import checkpoint
-
-    restored = checkpoint.restore(directory, params, opt_state, step=step)
-    return restored.step, restored.params, restored.opt_state
 
 
 # --------------------------------------------------------------------------- loop
@@ -246,7 +119,7 @@ class TrainResult(NamedTuple):
 
 
 def _non_finite(metrics: dict, skipped_before: jax.Array) -> jax.Array:
-    """Whether a step was skipped by ``apply_if_finite`` or produced a non-finite loss/norm."""
+    """Whether a step was skipped by :func:`~jaxelbo.app.optim.skip_non_finite` or gave a non-finite loss/norm."""
     bad = metrics["skipped_steps"] > skipped_before
     for name in ("loss", "grad_norm"):
         if name in metrics:
@@ -326,7 +199,7 @@ def make_train_chunk(step_fn: StepFn, batches, *, seed: int, mesh=None) -> Chunk
     Returns:
       The chunk function. Its ``metrics`` are means over the chunk's finite steps of the
       step's metrics (``loss``, ``bound``, ``ess``, ``grad_norm``), ``skipped_steps``
-      (total so far, from ``optax.apply_if_finite``) and ``non_finite_steps`` (steps of
+      (total so far, from :func:`~jaxelbo.app.optim.skip_non_finite`) and ``non_finite_steps`` (steps of
       this chunk with a non-finite gradient or loss; their updates never reached params).
     """
     for name, value in (("seed", seed), ("batches.seed", batches.seed)):
@@ -450,6 +323,230 @@ def train(step_fn: StepFn, params: dict, opt_state: Any, batches, *, num_steps: 
     return train_loop(chunk, params, opt_state, num_steps=num_steps, **loop_kwargs)
 
 
+class _Clock:
+    """Training seconds since the last record; validation and checkpoints are kept off it."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+        self.seconds = 0.0
+
+    def pause(self) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self.mark
+        self.mark = now
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def take(self) -> float:
+        """The seconds counted since the last ``take`` (and starts counting afresh)."""
+        self.pause()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+class MetricsWriter:
+    """Training records: the chunks since the last record, combined and written one chunk late.
+
+    :meth:`add` collects a chunk's device metrics; :meth:`close_record` makes the chunks
+    collected so far one record at a step; :meth:`flush` writes it (waiting for those
+    chunks only), so the host writes while the next chunk runs on the device.
+
+    Args:
+      path: the ``metrics.jsonl`` to append to (None: records stay in :attr:`history`).
+      bar: a tqdm bar to advance (or None).
+      clock: the training clock the records' ``steps_per_second`` come from.
+    """
+
+    def __init__(self, path: Path | None, bar=None, clock: _Clock | None = None):
+        self.history: list[dict] = []
+        self.unlogged: list[tuple[int, Any]] = []  # (num steps, device metrics) since the last record
+        self.ready: tuple[int, list] | None = None  # a record to write once its chunks are done
+        self.bar = bar
+        self.clock = clock or _Clock()
+        self._file = open(path, "a") if path is not None else None  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def add(self, steps: int, metrics: Any) -> None:
+        self.unlogged.append((steps, metrics))
+
+    def close_record(self, at: int) -> None:
+        """The chunks collected so far become the record of step ``at`` (none: nothing)."""
+        if self.unlogged:
+            self.ready, self.unlogged = (at, self.unlogged), []
+
+    def flush(self) -> None:
+        """Writes the record made by :meth:`close_record`, if any."""
+        if self.ready is None:
+            return
+        done, chunks = self.ready
+        self.ready = None
+        values = _combine([(n, _to_python(m)) for n, m in chunks])  # waits for those chunks
+        rate = sum(n for n, _ in chunks) / max(self.clock.take(), 1e-9)
+        shown = {"step": done, "split": "train", **values, "steps_per_second": rate}
+        self.write(shown)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{shown['loss']:.3f}", bound=f"{shown['bound']:.3f}",
+                                 steps_s=f"{rate:.1f}", refresh=False)
+        self.show(done)
+
+    def show(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the host loop carries from chunk to chunk; the boundary actions read and update it.
+
+    Attributes:
+      params, opt_state, step: the state reached (``step`` steps done).
+      num_steps: the global step the run stops at.
+      writer: the run's :class:`MetricsWriter`.
+      ckpt_dir: the checkpoints folder (None: no checkpoints).
+      saved: the newest step checkpointed or resumed from (the start step if none).
+      last_checkpoint: the newest checkpoint written or resumed from (None if none).
+      prior_seconds: training seconds of the sessions before a resume.
+      run_of_bad: non-finite steps in a row at the last check.
+    """
+
+    params: Any
+    opt_state: Any
+    step: int
+    num_steps: int
+    writer: MetricsWriter
+    ckpt_dir: Path | None = None
+    saved: int = 0
+    last_checkpoint: int | None = None
+    prior_seconds: float = 0.0
+    run_of_bad: int = 0
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def save(self) -> None:
+        """Checkpoints the state reached (:func:`jaxelbo.app.checkpoint.save`)."""
+        from jaxelbo.app import checkpoint
+
+        checkpoint.save(self.ckpt_dir, self.step, self.params, self.opt_state,
+                        meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0})
+        self.saved = self.last_checkpoint = self.step
+
+
+# A boundary action runs after each chunk: ``action(loop, metrics) -> None`` to go on, or a
+# status (``"diverged"``, ``"interrupted"``) that ends the run there.
+BoundaryAction = Callable[[LoopState, Any], "str | None"]
+
+
+@contextlib.contextmanager
+def _off_the_clock(loop: LoopState, metrics: Any):
+    """Validation and checkpoints: records written, the chunk done, its time not counted."""
+    loop.writer.flush()
+    jax.block_until_ready(metrics)
+    loop.writer.clock.pause()
+    loop.writer.show(loop.step)
+    yield
+    loop.writer.clock.restart()
+
+
+def log_record(log_every: int) -> BoundaryAction:
+    """Makes a training record at every multiple of ``log_every`` and at the last step."""
+
+    def action(loop: LoopState, metrics: Any) -> None:
+        if loop.step % log_every == 0 or loop.step == loop.num_steps:
+            loop.writer.close_record(loop.step)
+
+    return action
+
+
+def divergence_stop(max_nonfinite_steps: int) -> BoundaryAction:
+    """Stops with ``"diverged"`` once ``max_nonfinite_steps`` steps in a row were non-finite.
+
+    The steps since the last record become one record at the step reached.
+    """
+
+    def action(loop: LoopState, metrics: Any) -> str | None:
+        if "consecutive_non_finite" not in metrics:
+            return None
+        loop.run_of_bad = int(metrics["consecutive_non_finite"])  # waits for this chunk
+        if loop.run_of_bad < max_nonfinite_steps:
+            return None
+        loop.writer.close_record(loop.step)
+        loop.writer.flush()
+        return "diverged"
+
+    return action
+
+
+def validation(eval_fn: Callable[[dict], dict], eval_every: int) -> BoundaryAction:
+    """Writes ``eval_fn(params)`` as a validation record every ``eval_every`` steps and at the end."""
+
+    def action(loop: LoopState, metrics: Any) -> None:
+        if (eval_every and loop.step % eval_every == 0) or loop.step == loop.num_steps:
+            with _off_the_clock(loop, metrics):
+                loop.writer.write({"step": loop.step, "split": "validation", **_to_python(eval_fn(loop.params))})
+
+    return action
+
+
+def periodic_checkpoint(checkpoint_every: int) -> BoundaryAction:
+    """Checkpoints every ``checkpoint_every`` steps (0: never) and at the end."""
+
+    def action(loop: LoopState, metrics: Any) -> None:
+        if (checkpoint_every and loop.step % checkpoint_every == 0) or loop.step == loop.num_steps:
+            with _off_the_clock(loop, metrics):
+                loop.save()
+
+    return action
+
+
+def signal_stop(flag: _StopFlag) -> BoundaryAction:
+    """Stops with ``"interrupted"`` before the last step once ``flag`` caught a signal.
+
+    The steps since the last record become one record at the step reached, which is
+    checkpointed (if not already), so a resume has no gap.
+    """
+
+    def action(loop: LoopState, metrics: Any) -> str | None:
+        if not flag.signum or loop.step >= loop.num_steps:
+            return None
+        loop.writer.close_record(loop.step)
+        loop.writer.flush()
+        if loop.ckpt_dir is not None and loop.step > loop.saved:
+            loop.save()
+        return "interrupted"
+
+    return action
+
+
+def _open_run(out: Path | None, metrics_path: Path | None, resume: bool, params: dict,
+              opt_state: Any) -> tuple[int, dict, Any, float]:
+    """``(start, params, opt_state, prior_seconds)``: resumed from ``out``'s newest good checkpoint,
+    or a fresh run (an old ``metrics.jsonl`` removed)."""
+    from jaxelbo.app import checkpoint
+
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    if resume and checkpoint.latest_step(ckpt_dir) is not None:
+        restored = checkpoint.restore(ckpt_dir, params, opt_state)
+        if metrics_path is not None:
+            _truncate_jsonl(metrics_path, restored.step)
+        return (restored.step, restored.params, restored.opt_state,
+                float(restored.meta.get("train_seconds", 0.0)))
+    if out is not None:  # a fresh run (or a resume with nothing saved yet)
+        out.mkdir(parents=True, exist_ok=True)
+        if metrics_path is not None and metrics_path.exists():
+            metrics_path.unlink()
+    return 0, params, opt_state, 0.0
+
+
 def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: int,
                out_dir: str | Path | None = None, resume: bool = False,
                eval_fn: Callable[[dict], dict] | None = None, eval_every: int = 0, log_every: int = 50,
@@ -460,7 +557,10 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
     Each chunk runs to the next step that is a multiple of ``log_every``,
     ``eval_every`` (with an ``eval_fn``) or ``checkpoint_every`` (with an ``out_dir``),
     or ``num_steps``. While a chunk runs on the device the host writes the record of the
-    previous one, so the device is not left waiting on logging.
+    previous one, so the device is not left waiting on logging. After each chunk the
+    boundary actions run in turn (:func:`log_record`, :func:`divergence_stop`,
+    :func:`validation`, :func:`periodic_checkpoint`, :func:`signal_stop`); the first that
+    returns a status ends the run.
 
     Args:
       chunk_fn: from :func:`make_train_chunk`.
@@ -495,130 +595,51 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
     if int(log_every) < 1:
         raise ValueError(f"log_every must be a positive integer, got {log_every}")
     out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ValueError("resume=True needs out_dir")
     ckpt_dir = out / "checkpoints" if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None and write_metrics else None
-    start = 0
-    if resume and ckpt_dir is None:
-        raise ValueError("resume=True needs out_dir")
-    prior_seconds, last_checkpoint = 0.0, None
-    if resume and latest_step(ckpt_dir) is not None:
-        from jaxelbo.app import checkpoint
-
-        restored = checkpoint.restore(ckpt_dir, params, opt_state)
-        start, params, opt_state = restored.step, restored.params, restored.opt_state
-        prior_seconds, last_checkpoint = float(restored.meta.get("train_seconds", 0.0)), start
-        if metrics_path is not None:
-            _truncate_jsonl(metrics_path, start)
-    elif out is not None:  # a fresh run (or a resume with nothing saved yet)
-        out.mkdir(parents=True, exist_ok=True)
-        if metrics_path is not None and metrics_path.exists():
-            metrics_path.unlink()
-    history: list[dict] = []
-    log_file = open(metrics_path, "a") if metrics_path is not None else None
-
-    def record(rec):
-        history.append(rec)
-        if log_file is not None:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-
-    t0 = time.perf_counter()
+    start, params, opt_state, prior_seconds = _open_run(out, metrics_path, resume, params, opt_state)
     bar = tqdm(total=num_steps, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    clock = {"mark": time.perf_counter(), "seconds": 0.0, "steps": 0}  # training time since the last record
-    unlogged: list[tuple[int, dict]] = []  # (num steps, device metrics) of chunks since the last record
-    ready: tuple[int, list] | None = None  # a record to write once its chunks are done
-
-    def stop_clock():
-        now = time.perf_counter()
-        clock["seconds"] += now - clock["mark"]
-        clock["mark"] = now
-
-    def write_ready():
-        nonlocal ready
-        if ready is None:
-            return
-        done, chunks = ready
-        ready = None
-        values = _combine([(n, _to_python(m)) for n, m in chunks])  # waits for those chunks
-        stop_clock()
-        steps = sum(n for n, _ in chunks)
-        rate = steps / max(clock["seconds"], 1e-9)
-        clock["seconds"] = 0.0
-        shown = {"step": done, "split": "train", **values, "steps_per_second": rate}
-        record(shown)
-        bar.set_postfix(loss=f"{shown['loss']:.3f}", bound=f"{shown['bound']:.3f}", steps_s=f"{rate:.1f}",
-                        refresh=False)
-        bar.update(done - bar.n)
-
-    step = start
-    state = (params, opt_state, start)  # (params, opt_state, steps done), replaced atomically
-    saved = start
-    status, run_of_bad = "completed", 0
+    loop = LoopState(params, opt_state, start, num_steps, MetricsWriter(metrics_path, bar), ckpt_dir=ckpt_dir,
+                     saved=start, last_checkpoint=start or None,
+                     prior_seconds=prior_seconds)
     stop_flag = _StopFlag().install() if handle_signals else None
-
-    def checkpoint_now(at: int) -> None:
-        nonlocal saved, last_checkpoint
-        save_checkpoint(ckpt_dir, at, state[0], state[1],
-                        meta={"train_seconds": prior_seconds + time.perf_counter() - t0})
-        saved = last_checkpoint = at
-
+    actions = [log_record(log_every)]
+    actions += [divergence_stop(max_nonfinite_steps)] if max_nonfinite_steps else []
+    actions += [validation(eval_fn, eval_every)] if eval_fn is not None else []
+    actions += [periodic_checkpoint(checkpoint_every)] if ckpt_dir is not None else []
+    actions += [signal_stop(stop_flag)] if stop_flag is not None else []
+    every = (log_every, eval_every if eval_fn is not None else 0, checkpoint_every if ckpt_dir is not None else 0)
+    status = "completed"
     try:
-        while step < num_steps:
-            stop = next_boundary(step, num_steps, log_every, eval_every if eval_fn is not None else 0,
-                                 checkpoint_every if ckpt_dir is not None else 0)
-            params, opt_state, metrics = chunk_fn(params, opt_state, step, stop)
-            state = (params, opt_state, stop)
-            write_ready()  # the previous record, while this chunk runs
-            unlogged.append((stop - step, metrics))
-            step = stop
-            if stop % log_every == 0 or stop == num_steps:
-                ready, unlogged = (stop, unlogged), []
-            if max_nonfinite_steps and "consecutive_non_finite" in metrics:
-                run_of_bad = int(metrics["consecutive_non_finite"])  # waits for this chunk
-                if run_of_bad >= max_nonfinite_steps:
-                    if unlogged:  # a record up to here, at a step that is not a log step
-                        ready, unlogged = (stop, unlogged), []
-                    write_ready()
-                    status = "diverged"
-                    break
-            at_eval = eval_fn is not None and ((eval_every and stop % eval_every == 0) or stop == num_steps)
-            at_checkpoint = ckpt_dir is not None and ((checkpoint_every and stop % checkpoint_every == 0)
-                                                      or stop == num_steps)
-            if at_eval or at_checkpoint:
-                write_ready()
-                jax.block_until_ready(metrics)
-                stop_clock()
-                bar.update(stop - bar.n)
-                if at_eval:
-                    record({"step": stop, "split": "validation", **_to_python(eval_fn(params))})
-                if at_checkpoint:
-                    checkpoint_now(stop)
-                clock["mark"] = time.perf_counter()
-            if stop_flag is not None and stop_flag.signum and step < num_steps:
-                if unlogged:  # records up to the step saved: a resume then has no gap
-                    ready, unlogged = (stop, unlogged), []
-                write_ready()
-                if ckpt_dir is not None and stop > saved:
-                    checkpoint_now(stop)
-                status = "interrupted"
+        while loop.step < num_steps:
+            stop = next_boundary(loop.step, num_steps, *every)
+            new_params, new_opt_state, metrics = chunk_fn(loop.params, loop.opt_state, loop.step, stop)
+            done, loop.params, loop.opt_state, loop.step = stop - loop.step, new_params, new_opt_state, stop
+            loop.writer.flush()  # the previous record, while this chunk runs
+            loop.writer.add(done, metrics)
+            ended = next((s for s in (action(loop, metrics) for action in actions) if s), None)
+            if ended:
+                status = ended
                 break
-        write_ready()
+        loop.writer.flush()
     except KeyboardInterrupt:
         # Ctrl-C: keep the last completed chunk so that --resume loses nothing.
-        if ckpt_dir is not None and state[2] > saved and jax.process_count() == 1:
-            write_ready()
-            checkpoint_now(state[2])
+        if ckpt_dir is not None and loop.step > loop.saved and jax.process_count() == 1:
+            loop.writer.flush()
+            loop.save()
         raise
     finally:
         if stop_flag is not None:
             stop_flag.restore()
         bar.close()
-        if log_file is not None:
-            log_file.close()
-    jax.block_until_ready(params)
-    return TrainResult(params, opt_state, max(step, start), history, time.perf_counter() - t0, status=status,
-                       signum=stop_flag.signum if stop_flag is not None else 0, checkpoint_step=last_checkpoint,
-                       non_finite_run=run_of_bad, prior_seconds=prior_seconds)
+        loop.writer.close()
+    jax.block_until_ready(loop.params)
+    return TrainResult(loop.params, loop.opt_state, loop.step, loop.writer.history, time.perf_counter() - loop.t0,
+                       status=status, signum=stop_flag.signum if stop_flag is not None else 0,
+                       checkpoint_step=loop.last_checkpoint, non_finite_run=loop.run_of_bad,
+                       prior_seconds=prior_seconds)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -15,6 +15,7 @@ import sys
 
 from jaxelbo.app.experiment import (
     DEFAULTS,
+    TrainSettings,
     default_out,
     format_summary,
     train_and_evaluate,
@@ -98,9 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, default=None, help="rank of this process")
 
 
-def settings_from_args(args: argparse.Namespace) -> dict:
-    """The run's settings (every key of :data:`DEFAULTS`) from parsed flags."""
-    return {k: getattr(args, k, v) for k, v in DEFAULTS.items()}
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The run's :class:`~jaxelbo.app.experiment.TrainSettings` from parsed flags."""
+    return TrainSettings(**{k: getattr(args, k, v) for k, v in DEFAULTS.items()})
 
 
 # Exit statuses besides 0 (done) and 2 (bad input): a diverged run, and 128 + signal

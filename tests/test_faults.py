@@ -417,6 +417,24 @@ def test_diverging_run_stops_after_max_nonfinite_steps_keeping_finite_params(tmp
     assert all(r["non_finite_steps"] == 3 for r in result.history)
 
 
+def test_a_finite_gradient_that_overflows_adams_state_is_a_skipped_step(tmp_path):
+    """A gradient of 1e20 is finite, its square (Adam's nu) is not: such a step is skipped and
+    counted, so a checkpoint is never refused and the run ends as diverged."""
+
+    def loss(p, rng, x):
+        b = 1e20 * jnp.sum(p["model"]["w"] * x[:, :3], -1) + jnp.sum(p["guide"]["v"] ** 2)
+        return -jnp.mean(b), {"bound": b, "ess": jnp.ones_like(b)}
+
+    opt = training.make_optimizer(0.1)
+    step = training.make_train_step(loss, opt)
+    batches = data.BatchIterator(np.full((8, 3), 0.5, np.float32), 8, seed=1, binarization="none")
+    result = training.train(step, _TOY, opt.init(_TOY), batches, num_steps=20, seed=0, log_every=2,
+                            checkpoint_every=2, out_dir=tmp_path, progress=False, max_nonfinite_steps=4)
+    assert result.status == "diverged" and result.step == 4 and result.non_finite_run == 4
+    assert not checkpoint.non_finite(result.opt_state) and _equal(result.params, _TOY)
+    assert int(training.skipped_steps(result.opt_state)) == 4 and checkpoint.steps(tmp_path / "checkpoints") == [2]
+
+
 def test_plots_skip_non_finite_points(tmp_path):
     from jaxelbo.app import plotting
 

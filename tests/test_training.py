@@ -283,3 +283,96 @@ def test_cli_train_resume_and_evaluate(tmp_path, capsys):
     assert main([*common, "--resume", "--seed", "1"]) == 2
     assert "differ" in capsys.readouterr().err
 
+
+
+# --------------------------------------------------------------------------- the loop's parts, one by one
+
+
+def _loop_state(step, num_steps=10, **kw):
+    return training.LoopState({"model": {"w": np.ones(2, np.float32)}}, (), step, num_steps,
+                              training.MetricsWriter(None), **kw)
+
+
+def _chunk_metrics(bound, non_finite=0, run=0):
+    return {"loss": np.float32(-bound), "bound": np.float32(bound), "skipped_steps": np.int32(non_finite),
+            "non_finite_steps": np.int32(non_finite), "consecutive_non_finite": np.int32(run)}
+
+
+def test_metrics_writer_weights_chunks_by_their_finite_steps():
+    writer = training.MetricsWriter(None)
+    writer.add(2, _chunk_metrics(-10.0))
+    writer.add(4, _chunk_metrics(-4.0, non_finite=2))  # 2 finite steps of 4
+    writer.close_record(6)
+    assert writer.history == [] and writer.unlogged == []
+    writer.flush()
+    (rec,) = writer.history
+    assert rec["step"] == 6 and rec["bound"] == -7.0 and rec["non_finite_steps"] == 2 and rec["skipped_steps"] == 2
+    writer.close_record(7)  # nothing collected: no record
+    writer.flush()
+    assert len(writer.history) == 1
+
+
+def test_log_record_closes_a_record_at_multiples_and_at_the_end():
+    action = training.log_record(4)
+    for step, closed in ((3, False), (4, True), (10, True)):
+        loop = _loop_state(step)
+        loop.writer.add(1, _chunk_metrics(-1.0))
+        assert action(loop, {}) is None
+        assert (loop.writer.ready is not None) == closed, step
+
+
+def test_divergence_stop_needs_the_run_of_bad_steps():
+    action = training.divergence_stop(3)
+    loop = _loop_state(5)
+    loop.writer.add(5, _chunk_metrics(-1.0, non_finite=2, run=2))
+    assert action(loop, _chunk_metrics(-1.0, run=2)) is None and loop.run_of_bad == 2 and not loop.writer.history
+    assert action(loop, _chunk_metrics(-1.0, run=3)) == "diverged" and loop.run_of_bad == 3
+    assert [r["step"] for r in loop.writer.history] == [5]  # the steps so far written at the step reached
+
+
+def test_validation_runs_at_its_steps_and_at_the_end():
+    seen = []
+    action = training.validation(lambda p: seen.append(p) or {"iwae": np.float32(-3.5)}, 4)
+    for step in (3, 4, 10):
+        loop = _loop_state(step)
+        action(loop, {})
+        assert [r["step"] for r in loop.writer.history] == ([] if step == 3 else [step])
+    assert loop.writer.history == [{"step": 10, "split": "validation", "iwae": -3.5}] and len(seen) == 2
+
+
+def test_periodic_checkpoint_and_signal_stop_save_the_step_reached(tmp_path):
+    for step, saved in ((3, None), (4, 4), (10, 10)):
+        loop = _loop_state(step, ckpt_dir=tmp_path / str(step))
+        training.periodic_checkpoint(4)(loop, {})
+        assert loop.last_checkpoint == saved and checkpoint.latest_step(loop.ckpt_dir) == saved
+
+    class Flag:
+        signum = 0
+
+    action = training.signal_stop(Flag)
+    loop = _loop_state(3, ckpt_dir=tmp_path / "signal")
+    loop.writer.add(3, _chunk_metrics(-1.0))
+    assert action(loop, {}) is None
+    Flag.signum = 15
+    assert action(loop, {}) == "interrupted" and loop.saved == 3 and checkpoint.latest_step(loop.ckpt_dir) == 3
+    assert [r["step"] for r in loop.writer.history] == [3]
+    assert action(_loop_state(10), {}) is None  # the last step: the run completes
+
+
+def test_train_settings_resume_and_cache_keys_come_from_the_fields():
+    import dataclasses
+
+    from jaxelbo.app.experiment import DEFAULTS, TrainSettings, as_settings
+
+    s = TrainSettings()
+    assert DEFAULTS["hidden"] == [200, 200] and as_settings(DEFAULTS) == s
+    assert TrainSettings.from_dict(s.to_dict()) == s and json.loads(json.dumps(s.to_dict())) == s.to_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1
+    resume_keys = {f.name for f in dataclasses.fields(s) if s.resume_mismatches(s.replace(**{
+        f.name: (7,) if f.name == "hidden" else "other" if isinstance(f.default, str) else 12345}))}
+    assert resume_keys == {"dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
+                           "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
+                           "binarization", "validation_size", "stochastic_layers"}
+    assert s.replace(steps=5).compile_key() == s.compile_key() != s.replace(num_samples=8).compile_key()
+    assert s.replace(seed=5).compile_key() == s.compile_key()  # the seed lives in the params, not the step

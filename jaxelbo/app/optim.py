@@ -52,9 +52,11 @@ def _all_finite(tree: Any) -> jax.Array:
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that a non-finite step never reaches the parameters.
 
-    A step is applied only if the gradient, ``inner``'s update and (when ``params`` are
-    given) the updated parameters are all finite; otherwise the update is zero and
-    ``inner``'s state (e.g. Adam's moments) is kept. It never gives up, however many
+    A step is applied only if the gradient, ``inner``'s update, ``inner``'s new state
+    and (when ``params`` are given) the updated parameters are all finite; otherwise the
+    update is zero and ``inner``'s state (e.g. Adam's moments) is kept. (A finite
+    gradient of 1e20 overflows Adam's second moment while its update stays finite: such a
+    step is skipped too, so the state never holds an Inf.) It never gives up, however many
     non-finite steps come in a row: the caller decides when to stop, from
     :func:`consecutive_non_finite`.
 
@@ -80,7 +82,7 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
 
     def update(grads, state, params=None, **extra_args):
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-        ok = _all_finite(grads) & _all_finite(updates)
+        ok = _all_finite(grads) & _all_finite(updates) & _all_finite(inner_state)
         if params is not None:
             ok = ok & _all_finite(optax.apply_updates(params, updates))
         updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)

@@ -174,6 +174,19 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(state, tmp_path):
         checkpoint.restore(tmp_path, other, training.make_optimizer().init(other), step=1)
 
 
+def test_a_manifest_whose_step_differs_from_its_folder_is_refused(state, tmp_path):
+    params, opt_state = state
+    checkpoint.save(tmp_path, 4, params, opt_state)
+    checkpoint.save(tmp_path, 8, _shifted(params, 1.0), opt_state)
+    manifest = tmp_path / "8" / checkpoint.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"step": 8', '"step": 12'))
+    with pytest.raises(checkpoint.CheckpointError, match=r"manifest says step 12, its folder 8"):
+        checkpoint.restore(tmp_path, params, opt_state, step=8)
+    lines = []
+    restored = checkpoint.restore(tmp_path, params, opt_state, warn=lines.append)  # --resume falls back
+    assert restored.step == 4 and _equal(restored.params, params) and len(lines) == 1
+
+
 _SAVER = textwrap.dedent("""
     import sys
     import jax
@@ -330,6 +343,37 @@ def test_fresh_run_into_another_runs_folder_needs_overwrite(tmp_path, capsys):
     assert main(["train", "--steps", "5", "--out", str(out), *TINY]) == 2
     _one_line_error(capsys, "holds another run's files (metrics.jsonl)", "--overwrite")
     assert (out / "metrics.jsonl").read_text() == '{"step": 50}\n'
+
+
+def test_overwrite_deletes_only_what_a_run_wrote_and_foreign_folders_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "40").mkdir(parents=True)
+    (out / "checkpoints" / "40" / checkpoint.MANIFEST).write_text("{}")
+    (out / "checkpoints" / "model_epoch_90.pt").write_text("not jaxelbo's")
+    (out / "notes.txt").write_text("mine")
+    (out / "metrics.jsonl").write_text('{"step": 50}\n')
+    rundir.prepare(out, resume=False, overwrite=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "checkpoints", "checkpoints/model_epoch_90.pt", "notes.txt"]
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_text("x")
+    assert main(["train", "--steps", "5", "--out", str(foreign), "--overwrite", *TINY]) == 2
+    _one_line_error(capsys, str(foreign), "not a jaxelbo run's (a.jpg)")
+    assert sorted(p.name for p in foreign.iterdir() if p.name != ".lock") == ["a.jpg"]
+    for special, needle in (("/", "the filesystem root"), (str(Path.home()), "the home folder")):
+        assert main(["train", "--steps", "5", "--out", special, *TINY]) == 2
+        _one_line_error(capsys, needle)
+
+
+def test_resume_without_config_json_is_refused(state, tmp_path, capsys):
+    """Without config.json the checkpoints' settings cannot be checked against the flags."""
+    params, opt_state = state
+    out = tmp_path / "run"
+    checkpoint.save(out / "checkpoints", 3, params, opt_state)
+    assert main(["train", "--steps", "5", "--seed", "1", "--resume", "--out", str(out), *TINY]) == 2
+    _one_line_error(capsys, str(out / "config.json"), "is missing", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints"]
 
 
 @pytest.mark.parametrize("config,needle", [

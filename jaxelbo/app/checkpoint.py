@@ -273,6 +273,9 @@ def verify(path: str | Path, params: Any, opt_state: Any) -> Restored:
     """
     path = Path(path)
     manifest = read_manifest(path)
+    if path.name.isdigit() and manifest.get("step") != int(path.name):
+        raise CheckpointError(f"checkpoint {path} is damaged (its manifest says step {manifest.get('step')!r}, "
+                              f"its folder {int(path.name)})")
     target = _state(params, opt_state)
     expected = {key: {"dtype": np.dtype(leaf.dtype).str, "shape": list(leaf.shape)}
                 for key, leaf in ((jax.tree_util.keystr(p), leaf)

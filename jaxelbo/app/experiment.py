@@ -245,7 +245,7 @@ def train_and_evaluate(settings: TrainSettings | dict, out: str | Path | None, *
     """
     import jax
 
-    from jaxelbo.app import rundir
+    from jaxelbo.app import checkpoint, rundir
 
     t_start = time.perf_counter()
     settings = as_settings(settings)
@@ -262,18 +262,38 @@ def train_and_evaluate(settings: TrainSettings | dict, out: str | Path | None, *
             cfg_path = out / "config.json"
             if resume and cfg_path.exists():
                 _check_resume(cfg_path, settings)
+            elif resume and checkpoint.steps(out / "checkpoints"):
+                raise rundir.RunFolderError(
+                    f"--resume: {cfg_path} is missing, so the settings of the checkpoints in {out / 'checkpoints'} "
+                    "cannot be checked against the flags given; put the run's config.json back, or start "
+                    "afresh with --overwrite")
             rundir.prepare(out, resume=resume, overwrite=overwrite)
         except ValueError:
             lock.discard()
             raise
         rundir.write_json_atomic(out / "config.json", {"settings": settings.to_dict(), "objective": objective,
                                                         "vae": net.config, "image_shape": list(ds.image_shape)})
+        _mark_running(out / "summary.json")
     try:
         return _train_and_evaluate(settings, out, ds, net, loss_fn, optimizer, resume=resume, progress=progress,
                                    plots=plots, cache=cache, t_start=t_start)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _mark_running(path: Path) -> None:
+    """An earlier session's summary becomes ``{"status": "running", "previous": it}`` until this one ends,
+    so a run killed now never leaves a summary that claims the earlier, shorter run."""
+    from jaxelbo.app import rundir
+
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = None
+    rundir.write_json_atomic(path, {"status": "running", "previous": previous})
 
 
 def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimizer, *, resume, progress, plots, cache,
@@ -360,6 +380,9 @@ def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimize
         **environment(),
     }
     if out is not None and main_process:
+        from jaxelbo.app import rundir
+
+        rundir.write_json_atomic(out / "summary.json", summary)  # before the figures: an interrupt there keeps it
         if plots and status != "interrupted":
             from jaxelbo.app import plotting
 
@@ -370,9 +393,7 @@ def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimize
                                     title=f"{ds.name}: {settings.objective}-{settings.estimator}, "
                                           f"K={settings.num_samples}")
             summary["wall_seconds"]["plots"] = time.perf_counter() - t0
-        from jaxelbo.app import rundir
-
-        rundir.write_json_atomic(out / "summary.json", summary)
+            rundir.write_json_atomic(out / "summary.json", summary)
     return summary
 
 

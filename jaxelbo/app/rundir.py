@@ -7,7 +7,10 @@
   and changes nothing. The lock dies with its process, so a killed run never leaves
   a stale lock behind.
 * :func:`prepare` then refuses a fresh run into a folder holding another run's files
-  unless it is a resume or ``overwrite`` is set (which removes those files first).
+  unless it is a resume or ``overwrite`` is set (which removes those files first, and
+  only those: in ``checkpoints/`` only the checkpoint folders), and a fresh run into a
+  non-empty folder that holds no run at all. The filesystem root and the home folder
+  are refused by :func:`check_writable`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ LOCK_FILE = ".lock"
 # What a run writes into its folder (removed by --overwrite).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "curves.png",
              "reconstructions.png", "samples.png", "evaluation.json")
+# Temporary siblings that write_json_atomic and the metrics truncation leave after a kill.
+_HIDDEN_RUN_FILES = (".lock", ".config.json.tmp", ".summary.json.tmp", ".evaluation.json.tmp", "metrics.jsonl.tmp")
 
 
 class RunFolderError(ValueError):
@@ -36,6 +41,10 @@ def check_writable(out: str | Path, flag: str = "--out") -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{flag} {out} is a file, not a folder")
+    where = out.resolve()
+    for special, name in ((Path(where.anchor), "the filesystem root"), (Path.home().resolve(), "the home folder")):
+        if where == special:
+            raise RunFolderError(f"{flag} {out} is {name}; give a run a folder of its own")
     probe = out
     while not probe.exists():
         if probe.parent == probe:
@@ -125,18 +134,36 @@ def prepare(out: str | Path, *, resume: bool, overwrite: bool, flag: str = "--ou
     Raises:
       RunFolderError: a fresh run without ``overwrite`` into a used folder.
     """
+    if resume:
+        return
     present = run_files(out)
-    if resume or not present:
+    foreign = sorted(p.name for p in Path(out).iterdir() if p.name not in RUN_FILES + _HIDDEN_RUN_FILES)
+    if foreign and not present:
+        raise RunFolderError(f"{flag} {out} holds files that are not a jaxelbo run's ({', '.join(foreign[:3])}"
+                             + (", ..." if len(foreign) > 3 else "") + "); give a new or empty folder")
+    if not present:
         return
     if not overwrite:
         raise RunFolderError(f"{flag} {out} holds another run's files ({', '.join(present)}); "
                              "pass --resume to continue it or --overwrite to replace it")
     for name in present:
-        path = Path(out) / name
+        _remove_run_file(Path(out) / name)
+
+
+def _remove_run_file(path: Path) -> None:
+    """Removes what a run wrote at ``path``; in ``checkpoints/`` only the checkpoint folders."""
+    if path.name != "checkpoints" or not path.is_dir():
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+        return
+    for p in path.iterdir():
+        if p.is_dir() and (p.name.isdigit() or p.name.startswith("tmp-") or p.name.endswith(".old")
+                           or ".orbax-checkpoint-tmp" in p.name):
+            shutil.rmtree(p)
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -363,14 +364,25 @@ class MetricsWriter:
         self.unlogged: list[tuple[int, Any]] = []  # (num steps, device metrics) since the last record
         self.ready: tuple[int, list] | None = None  # a record to write once its chunks are done
         self.bar = bar
+        self.path = path
         self.clock = clock or _Clock()
         self._file = open(path, "a") if path is not None else None  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:
         self.history.append(record)
         if self._file is not None:
+            if os.fstat(self._file.fileno()).st_nlink == 0:  # deleted under us: write it again
+                self._rewrite()
+                return
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+
+    def _rewrite(self) -> None:
+        self._file.close()
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed by close()
+        self._file.write("".join(json.dumps(r) + "\n" for r in self.history))
+        self._file.flush()
+        _note(f"{self.path} was deleted during the run; wrote this session's {len(self.history)} records again")
 
     def add(self, steps: int, metrics: Any) -> None:
         self.unlogged.append((steps, metrics))
@@ -536,6 +548,9 @@ def _open_run(out: Path | None, metrics_path: Path | None, resume: bool, params:
     ckpt_dir = out / "checkpoints" if out is not None else None
     if resume and checkpoint.latest_step(ckpt_dir) is not None:
         restored = checkpoint.restore(ckpt_dir, params, opt_state)
+        if metrics_path is not None and not metrics_path.exists():
+            _note(f"{metrics_path} is missing: the records up to step {restored.step} are lost; "
+                  "the resumed run writes those after it")
         if metrics_path is not None:
             _truncate_jsonl(metrics_path, restored.step)
         return (restored.step, restored.params, restored.opt_state,

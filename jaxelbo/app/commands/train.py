@@ -10,8 +10,10 @@ from its last checkpoint and reaches the same parameters as an uninterrupted run
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
 
 from jaxelbo.app.experiment import (
     DEFAULTS,
@@ -117,7 +119,20 @@ class _Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# Frames where an exception raised by a signal handler is swallowed ("Exception ignored in")
+# or unwinds through C++: the signal is then delivered again a moment later.
+_UNSAFE_FRAMES = ("_xla_gc_callback", "__del__")
+
+
 def _raise_interrupted(signum, frame) -> None:
+    f = frame
+    while f is not None:
+        if f.f_code.co_name in _UNSAFE_FRAMES:
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
+        f = f.f_back
     raise _Interrupted(signum)
 
 

@@ -366,7 +366,7 @@ class MetricsWriter:
         self.bar = bar
         self.path = path
         self.clock = clock or _Clock()
-        self._file = open(path, "a") if path is not None else None  # noqa: SIM115 - closed by close()
+        self._file = open(path, "a") if path is not None else None  # closed by close()
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -379,7 +379,7 @@ class MetricsWriter:
 
     def _rewrite(self) -> None:
         self._file.close()
-        self._file = open(self.path, "w")  # noqa: SIM115 - closed by close()
+        self._file = open(self.path, "w")  # closed by close()
         self._file.write("".join(json.dumps(r) + "\n" for r in self.history))
         self._file.flush()
         _note(f"{self.path} was deleted during the run; wrote this session's {len(self.history)} records again")

@@ -555,6 +555,23 @@ def test_torn_last_metrics_line_is_dropped_on_resume_with_a_note(loop, tmp_path,
         training.train_loop(chunk, net.params, opt.init(net.params), num_steps=10, resume=True, **kw)
 
 
+def test_a_metrics_file_deleted_mid_run_is_written_again(loop, tmp_path, capsys):
+    net, opt, chunk = loop
+    calls = []
+
+    def deleting(params, opt_state, start, stop):
+        calls.append(start)
+        if len(calls) == 3:
+            (tmp_path / "metrics.jsonl").unlink()
+        return chunk(params, opt_state, start, stop)
+
+    capsys.readouterr()
+    training.train_loop(deleting, net.params, opt.init(net.params), num_steps=6, log_every=1, progress=False,
+                        out_dir=tmp_path)
+    _one_line_error(capsys, str(tmp_path / "metrics.jsonl"), "deleted during the run")
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint_to_the_same_params(loop, tmp_path, capsys):
     net, opt, chunk = loop
     kw = dict(log_every=2, checkpoint_every=4, progress=False)
@@ -721,3 +738,59 @@ def test_empty_batch_is_one_line_naming_x():
     for objective in (je.iwae, je.elbo):
         with pytest.raises(ValueError, match=r"x is an empty batch \(leading axis B = 0\)"):
             objective(net.model, net.guide, num_samples=2)(net.params, jax.random.key(0), jnp.zeros((0, 64)))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 4-step run of the command (in process), copied by the tests that resume it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *RUN, "--steps", "4", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_an_interrupt_while_plotting_keeps_the_summary(finished, tmp_path, monkeypatch):
+    import shutil
+
+    from jaxelbo.app import plotting
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "summary.json").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plotting, "plot_run", interrupted)
+    assert main(["train", *RUN, "--steps", "4", "--out", str(out), "--resume"]) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["test"] is not None and summary["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_resume_killed_midway_leaves_no_summary_of_the_shorter_run(finished, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+
+    def killed(*args, **kwargs):  # the process dies while the resumed session trains
+        raise SystemExit(137)
+
+    monkeypatch.setattr(training, "train", killed)
+    with pytest.raises(SystemExit):
+        main(["train", *RUN, "--steps", "8", "--out", str(out), "--resume"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["previous"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_exits_143_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--steps", "10", "--eval-num-samples", "20000", "--eval-chunk-size", "500")
+    _wait_for(lambda: (out / "checkpoints" / "10").is_dir(), proc)
+    time.sleep(1.0)  # the evaluation of 20000 samples per image takes far longer
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = _finish(proc)
+    assert code == 128 + signal.SIGTERM, (code, err)
+    assert err.count("\n") == 1 and "interrupted by SIGTERM" in err and "Traceback" not in err, err

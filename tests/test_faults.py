@@ -794,3 +794,43 @@ def test_sigterm_during_the_final_evaluation_exits_143_in_one_line(tmp_path):
     code, _, err = _finish(proc)
     assert code == 128 + signal.SIGTERM, (code, err)
     assert err.count("\n") == 1 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- jaxelbo snr
+
+
+def _snr_args(*flags: str):
+    from jaxelbo.app.cli import build_parser
+
+    return build_parser().parse_args(["snr", *flags])
+
+
+def test_snr_zero_replicates_and_an_out_that_is_a_file_fail_before_the_sweep(tmp_path, capsys):
+    from jaxelbo.app.commands import snr as cmd
+
+    with pytest.raises(ValueError, match="--num-replicates must be >= 2, got 0"):
+        cmd.resolve_settings(_snr_args("--num-replicates", "0"))
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert cmd.run(_snr_args("--fast", "--out", str(target), "--no-progress")) == 2
+    _one_line_error(capsys, str(target), "is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_snr_outputs_are_atomic_and_a_stale_m_figure_goes(tmp_path, capsys):
+    import dataclasses
+
+    from jaxelbo.app import rainforth
+    from jaxelbo.app.commands import snr as cmd
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "snr.json").write_text("")  # what a kill during an in-place write left
+    assert cmd.run(_snr_args("--out", str(out), "--replot")) == 2
+    _one_line_error(capsys, str(out / "snr.json"), "is not a jaxelbo snr result")
+    committed = rainforth.load_result(Path(__file__).parents[1] / "benchmarks" / "results" / "snr")
+    (out / "snr_m.png").write_bytes(b"an earlier run's M sweep")
+    paths = rainforth.write_outputs(dataclasses.replace(committed, m_sweep=[]), out)
+    assert "snr_m.png" not in paths and not (out / "snr_m.png").exists()
+    assert rainforth.load_result(out).k_sweep == committed.k_sweep
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

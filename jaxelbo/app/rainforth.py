@@ -719,25 +719,31 @@ OUTPUT_NAMES = ("snr.json", "snr.csv", "snr.md", "snr.png", "snr_m.png")
 
 def write_outputs(result: Result, out: str | os.PathLike) -> dict[str, str]:
     """Write snr.json, snr.csv, snr.md, snr.png and (with an M sweep) snr_m.png under ``out``."""
+    from jaxelbo.app import rundir
+
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, name) for name in OUTPUT_NAMES}
-    with open(paths["snr.json"], "w") as f:
-        json.dump(result.to_json(), f, indent=1)
+    rundir.write_json_atomic(paths["snr.json"], result.to_json())  # a kill never leaves it half written
     write_csv(result, paths["snr.csv"])
     with open(paths["snr.md"], "w") as f:
         f.write(markdown(result))
-    if result.k_sweep:
-        plot(result, paths["snr.png"], "num_samples")
-    else:
-        del paths["snr.png"]
-    if result.m_sweep:
-        plot(result, paths["snr_m.png"], "num_outer")
-    else:
-        del paths["snr_m.png"]
+    for name, axis, records in (("snr.png", "num_samples", result.k_sweep), ("snr_m.png", "num_outer",
+                                                                             result.m_sweep)):
+        if records:
+            plot(result, paths[name], axis)
+        else:  # a figure of an earlier run's sweep would sit beside these results
+            if os.path.exists(paths[name]):
+                os.remove(paths[name])
+            del paths[name]
     return paths
 
 
 def load_result(out: str | os.PathLike) -> Result:
     """The :class:`Result` saved in ``out/snr.json``."""
-    with open(os.path.join(out, "snr.json")) as f:
-        return Result.from_json(json.load(f))
+    path = os.path.join(out, "snr.json")
+    with open(path) as f:
+        try:
+            return Result.from_json(json.load(f))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a jaxelbo snr result ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]})") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -116,7 +117,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         return list(default)
 
     fast = rainforth.FAST
-    num_replicates = args.num_replicates or (fast["num_replicates"] if args.fast else rainforth.DEFAULT_NUM_REPLICATES)
+    num_replicates = args.num_replicates
+    if num_replicates is None:
+        num_replicates = fast["num_replicates"] if args.fast else rainforth.DEFAULT_NUM_REPLICATES
     if num_replicates < 2:
         raise ValueError(f"--num-replicates must be >= 2, got {num_replicates}")
     for flag, value in (("--num-inner", args.num_inner), ("--dim", args.dim), ("--fit-min", args.fit_min),
@@ -154,6 +157,16 @@ def environment() -> dict[str, Any]:
     return {**describe(), "command": " ".join([_program_name()] + sys.argv[1:])}
 
 
+class _Terminated(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise _Terminated(signum)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and write the outputs; returns the exit status."""
     if args.replot:
@@ -162,11 +175,17 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             print(f"jaxelbo snr: error: --replot needs a previous run's snr.json ({e})", file=sys.stderr)
             return 2
+        except ValueError as e:
+            print(f"jaxelbo snr: error: {e}", file=sys.stderr)
+            return 2
         paths = rainforth.write_outputs(result, args.out)
         print("rewrote " + ", ".join(paths.values()))
         return 0
     try:
         settings = resolve_settings(args)
+        from jaxelbo.app import rundir
+
+        rundir.check_writable(args.out)  # before the sweep, not after it
     except ValueError as e:
         print(f"jaxelbo snr: error: {e}", file=sys.stderr)
         return 2
@@ -183,10 +202,18 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{rainforth.AXES[axis]}={setting} done")
 
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         result = rainforth.rainforth_experiment(progress=progress, **settings)
+    except KeyboardInterrupt as e:
+        bar.close()
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"jaxelbo snr: interrupted by {signal.Signals(signum).name} during the sweep; nothing written to "
+              f"{args.out}", file=sys.stderr)
+        return 128 + signum
     finally:
         bar.close()
+        signal.signal(signal.SIGTERM, previous)
     result = dataclasses.replace(result, wall_seconds=time.perf_counter() - start, environment=environment())
     paths = rainforth.write_outputs(result, args.out)
     print(rainforth.markdown(result))

@@ -834,3 +834,27 @@ def test_snr_outputs_are_atomic_and_a_stale_m_figure_goes(tmp_path, capsys):
     assert "snr_m.png" not in paths and not (out / "snr_m.png").exists()
     assert rainforth.load_result(out).k_sweep == committed.k_sweep
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- multi-process start-up
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow
+def test_processes_given_different_flags_are_refused_at_start_up_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxelbo", "train", *RUN, "--num-samples", k, "--seed", seed,
+                               "--out", str(tmp_path / "run"), "--coordinator", coordinator, "--num-processes", "2",
+                               "--process-id", str(pid), "--startup-timeout", "60"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid, k, seed in ((0, "2", "0"), (1, "4", "1"))]
+    for proc in procs:
+        code, _, err = _finish(proc, timeout=240)
+        assert code == 2 and err.strip().count("\n") == 0, (code, err[-2000:])
+        assert "--num-samples differs between processes" in err and "checksum" not in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -26,7 +26,7 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
-                           *, cpu_collectives: str | None = "gloo") -> bool:
+                           *, cpu_collectives: str | None = "gloo", timeout: int | None = None) -> bool:
     """Calls ``jax.distributed.initialize`` when a coordinator is given.
 
     Args:
@@ -34,6 +34,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
       num_processes, process_id: this job's size and this process's rank.
       cpu_collectives: CPU collectives implementation for cross-process reductions on
         CPU (``"gloo"``); None leaves the JAX default.
+      timeout: seconds to wait for every process to join (None: JAX's default, 300).
 
     Returns:
       Whether the distributed runtime was initialised.
@@ -48,9 +49,40 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    kwargs = {} if timeout is None else {"initialization_timeout": int(timeout)}
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, **kwargs)
+    except Exception as e:  # XLA raises RuntimeError/XlaRuntimeError with pages of C++ context
+        first = " ".join(str(e).split())[:200]
+        raise ValueError(f"process {process_id} of {num_processes} could not join {coordinator} "
+                         f"({type(e).__name__}: {first})") from None
     return True
+
+
+def check_same_settings(settings: dict) -> None:
+    """Raises ValueError (one line naming the first differing setting) unless every process has ``settings``.
+
+    Each setting's value is hashed (its JSON text) on each process and the hashes are
+    gathered, so a mismatch is found at start-up rather than as wrong numbers later.
+    """
+    import hashlib
+    import json
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    names = sorted(settings)
+    mine = np.array([int.from_bytes(hashlib.sha256(json.dumps(settings[k], sort_keys=True).encode()).digest()[:4],
+                                    "little", signed=True) for k in names], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, settings)
+    for j, name in enumerate(names):
+        differ = [i for i in range(every.shape[0]) if every[i, j] != every[0, j]]
+        if differ:
+            raise ValueError(f"--{name.replace('_', '-')} differs between processes (process {differ[0]} was "
+                             f"given another value than process 0, this one was given {settings[name]!r}); "
+                             "every process must be given the same flags")
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:

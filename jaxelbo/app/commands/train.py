@@ -99,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host runs)")
     parser.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
     parser.add_argument("--process-id", type=int, default=None, help="rank of this process")
+    parser.add_argument("--startup-timeout", type=int, default=None,
+                        help="seconds a multi-host run waits for every process to join (default 300)")
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
@@ -157,8 +159,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         from jaxelbo.app import sharding
 
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                        timeout=args.startup_timeout)
         validate(settings)
+        # (data_dir may be each host's own copy of the files)
+        sharding.check_same_settings({**settings.to_dict(), "data_dir": None, "resume": args.resume})
         summary = train_and_evaluate(settings, out, resume=args.resume, progress=not args.no_progress,
                                      overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # bad input, and the disk (full, unwritable) during the run

@@ -788,7 +788,7 @@ def test_a_resume_killed_midway_leaves_no_summary_of_the_shorter_run(finished, t
 def test_sigterm_during_the_final_evaluation_exits_143_in_one_line(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "--steps", "10", "--eval-num-samples", "20000", "--eval-chunk-size", "500")
-    _wait_for(lambda: (out / "checkpoints" / "10").is_dir(), proc)
+    _wait_for(lambda: (out / "checkpoints" / "10").is_dir(), proc, timeout=300)
     time.sleep(1.0)  # the evaluation of 20000 samples per image takes far longer
     proc.send_signal(signal.SIGTERM)
     code, _, err = _finish(proc)

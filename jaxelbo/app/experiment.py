@@ -256,7 +256,7 @@ def train_and_evaluate(settings: TrainSettings | dict, out: str | Path | None, *
     ds, net, loss_fn, optimizer = build_experiment(settings, cache)  # loads and checks the data
     objective = objective_record(settings)
     lock = rundir.RunLock(out) if out is not None and main_process else None
-    if lock is not None:
+    if lock is not None and out is not None:
         lock.acquire()
         try:
             cfg_path = out / "config.json"

@@ -49,7 +49,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    kwargs = {} if timeout is None else {"initialization_timeout": int(timeout)}
+    kwargs: dict[str, Any] = {} if timeout is None else {"initialization_timeout": int(timeout)}
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, **kwargs)

@@ -366,7 +366,7 @@ class MetricsWriter:
         self.bar = bar
         self.path = path
         self.clock = clock or _Clock()
-        self._file = open(path, "a") if path is not None else None  # closed by close()
+        self._file: Any = open(path, "a") if path is not None else None  # closed by close()
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -378,10 +378,12 @@ class MetricsWriter:
             self._file.flush()
 
     def _rewrite(self) -> None:
+        assert self._file is not None and self.path is not None
         self._file.close()
-        self._file = open(self.path, "w")  # closed by close()
-        self._file.write("".join(json.dumps(r) + "\n" for r in self.history))
-        self._file.flush()
+        file = open(self.path, "w")  # closed by close()
+        file.write("".join(json.dumps(r) + "\n" for r in self.history))
+        file.flush()
+        self._file = file
         _note(f"{self.path} was deleted during the run; wrote this session's {len(self.history)} records again")
 
     def add(self, steps: int, metrics: Any) -> None:
@@ -448,6 +450,7 @@ class LoopState:
         """Checkpoints the state reached (:func:`jaxelbo.app.checkpoint.save`)."""
         from jaxelbo.app import checkpoint
 
+        assert self.ckpt_dir is not None, "a run without out_dir has no checkpoints"
         checkpoint.save(self.ckpt_dir, self.step, self.params, self.opt_state,
                         meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0})
         self.saved = self.last_checkpoint = self.step
@@ -546,7 +549,7 @@ def _open_run(out: Path | None, metrics_path: Path | None, resume: bool, params:
     from jaxelbo.app import checkpoint
 
     ckpt_dir = out / "checkpoints" if out is not None else None
-    if resume and checkpoint.latest_step(ckpt_dir) is not None:
+    if resume and ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored = checkpoint.restore(ckpt_dir, params, opt_state)
         if metrics_path is not None and not metrics_path.exists():
             _note(f"{metrics_path} is missing: the records up to step {restored.step} are lost; "

@@ -7,7 +7,7 @@ whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimat
 from importlib import metadata as _metadata
 
 from jaxelbo import models
-from jaxelbo.cubo import cubo
+from jaxelbo.chi import cubo
 from jaxelbo.diagnostics import (
     ElboSurgery,
     PairedBiasTest,
@@ -22,7 +22,7 @@ from jaxelbo.estimators import ESTIMATORS
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
 from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
-from jaxelbo.tvo import tvo
+from jaxelbo.thermodynamic import tvo
 from jaxelbo.types import Guide, Model, log_joint
 
 try:  # the version lives in pyproject.toml only

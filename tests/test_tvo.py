@@ -8,7 +8,7 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo.models import linear_gaussian as lg
-from jaxelbo.tvo import log_uniform_partition, tvo_bound
+from jaxelbo.thermodynamic import log_uniform_partition, tvo_bound
 
 D, B = 2, 2
 MU = jnp.array([0.3, -0.5])

@@ -111,7 +111,7 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
     r"""The thermodynamic variational objective (Masrani, Le & Wood 2019, arXiv:1907.00031).
 
     ``TVO_L`` (``integration="left"``, a lower bound, maximised) or ``TVO_U``
-    (``"right"``, an upper bound) of :mod:`jaxelbo.tvo`, each ``E_{pi_beta}`` estimated by
+    (``"right"``, an upper bound) of :mod:`jaxelbo.thermodynamic`, each ``E_{pi_beta}`` estimated by
     self-normalised importance sampling from the same K draws (:func:`tvo_bound`). The
     partition is ``partition`` if given, else :func:`log_uniform_partition` of
     ``num_partitions`` and ``log_beta_min``.

@@ -858,3 +858,28 @@ def test_processes_given_different_flags_are_refused_at_start_up_in_one_line(tmp
         assert code == 2 and err.strip().count("\n") == 0, (code, err[-2000:])
         assert "--num-samples differs between processes" in err and "checksum" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_seed_too_large_fails_at_the_door_leaving_no_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "5", "--out", str(out), "--seed", str(2**63), *TINY]) == 2
+    _one_line_error(capsys, "--seed must be <", str(2**63))
+    assert not out.exists()
+
+
+def test_records_are_bitwise_after_a_kill_when_checkpoints_fall_between_log_steps(loop, tmp_path):
+    net, opt, chunk = loop
+    kw = dict(num_steps=8, log_every=4, checkpoint_every=3, progress=False)
+    training.train_loop(chunk, net.params, opt.init(net.params), out_dir=tmp_path / "a", **kw)
+
+    def killed(params, opt_state, start, stop):
+        if start >= 4:  # after the checkpoint of step 3 and the record of step 4
+            raise RuntimeError("SIGKILL")
+        return chunk(params, opt_state, start, stop)
+
+    with pytest.raises(RuntimeError):
+        training.train_loop(killed, net.params, opt.init(net.params), out_dir=tmp_path / "b", **kw)
+    assert checkpoint.latest_step(tmp_path / "b" / "checkpoints") == 3
+    training.train_loop(chunk, net.params, opt.init(net.params), out_dir=tmp_path / "b", resume=True, **kw)
+    a, b = (_records(tmp_path / d) for d in "ab")
+    assert [r["step"] for r in a] == [4, 8] and a == b  # the record of step 4 from the chunks [0, 3) and [3, 4)

@@ -137,6 +137,8 @@ def validate(settings: TrainSettings | dict) -> None:
     for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
         if int(getattr(settings, key)) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(settings, key)}")
+    if settings.seed >= 2**31 - 10_000:  # the evaluation draws with seed + 10_000; the loop needs int32
+        raise ValueError(f"--seed must be < {2**31 - 10_000}, got {settings.seed}")
     if settings.eval_num_points is not None and int(settings.eval_num_points) < 1:
         raise ValueError(f"--eval-num-points must be a positive integer, got {settings.eval_num_points}")
     for key in ("learning_rate", "guide_learning_rate"):

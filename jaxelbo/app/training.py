@@ -451,8 +451,11 @@ class LoopState:
         from jaxelbo.app import checkpoint
 
         assert self.ckpt_dir is not None, "a run without out_dir has no checkpoints"
+        # the chunks since the last record, so that a resume from here writes the same records
+        pending = [[n, _to_python(m)] for n, m in self.writer.unlogged]
         checkpoint.save(self.ckpt_dir, self.step, self.params, self.opt_state,
-                        meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0})
+                        meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0,
+                              **({"pending_chunks": pending} if pending else {})})
         self.saved = self.last_checkpoint = self.step
 
 
@@ -543,9 +546,10 @@ def signal_stop(flag: _StopFlag) -> BoundaryAction:
 
 
 def _open_run(out: Path | None, metrics_path: Path | None, resume: bool, params: dict,
-              opt_state: Any) -> tuple[int, dict, Any, float]:
-    """``(start, params, opt_state, prior_seconds)``: resumed from ``out``'s newest good checkpoint,
-    or a fresh run (an old ``metrics.jsonl`` removed)."""
+              opt_state: Any) -> tuple[int, dict, Any, float, list]:
+    """``(start, params, opt_state, prior_seconds, pending)``: resumed from ``out``'s newest good
+    checkpoint (``pending``: the metrics of its chunks since the last record), or a fresh run
+    (an old ``metrics.jsonl`` removed)."""
     from jaxelbo.app import checkpoint
 
     ckpt_dir = out / "checkpoints" if out is not None else None
@@ -556,13 +560,14 @@ def _open_run(out: Path | None, metrics_path: Path | None, resume: bool, params:
                   "the resumed run writes those after it")
         if metrics_path is not None:
             _truncate_jsonl(metrics_path, restored.step)
+        pending = [(int(n), m) for n, m in restored.meta.get("pending_chunks", [])]
         return (restored.step, restored.params, restored.opt_state,
-                float(restored.meta.get("train_seconds", 0.0)))
+                float(restored.meta.get("train_seconds", 0.0)), pending)
     if out is not None:  # a fresh run (or a resume with nothing saved yet)
         out.mkdir(parents=True, exist_ok=True)
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()
-    return 0, params, opt_state, 0.0
+    return 0, params, opt_state, 0.0, []
 
 
 def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: int,
@@ -617,11 +622,12 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
         raise ValueError("resume=True needs out_dir")
     ckpt_dir = out / "checkpoints" if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None and write_metrics else None
-    start, params, opt_state, prior_seconds = _open_run(out, metrics_path, resume, params, opt_state)
+    start, params, opt_state, prior_seconds, pending = _open_run(out, metrics_path, resume, params, opt_state)
     bar = tqdm(total=num_steps, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
     loop = LoopState(params, opt_state, start, num_steps, MetricsWriter(metrics_path, bar), ckpt_dir=ckpt_dir,
                      saved=start, last_checkpoint=start or None,
                      prior_seconds=prior_seconds)
+    loop.writer.unlogged = pending  # a checkpoint between log steps: its record goes on from there
     stop_flag = _StopFlag().install() if handle_signals else None
     actions = [log_record(log_every)]
     actions += [divergence_stop(max_nonfinite_steps)] if max_nonfinite_steps else []

@@ -209,6 +209,46 @@ def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTr
             raise TypeError(f"estimator {estimator!r} differentiates through z, but guide.sample returns a "
                             f"discrete z{where} (dtype {leaf.dtype}); for discrete latents use a "
                             f"score-function estimator: {' or '.join(map(repr, SCORE_FUNCTION))}")
+    for path in _latents_without_derivative(guide, phi, keys, x):
+        where = f" {jax.tree_util.keystr(path)}" if path else ""
+        raise TypeError(f"estimator {estimator!r} differentiates through z, but z{where} from guide.sample carries "
+                        f"no derivative with respect to phi (a discrete sample cast to float, or a stop_gradient): "
+                        f"the pathwise gradient would be silently zero or biased; for discrete latents use a "
+                        f"score-function estimator: {' or '.join(map(repr, SCORE_FUNCTION))}")
+
+
+def _latents_without_derivative(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree) -> list:
+    """Paths of the leaves of ``z`` whose derivative with respect to ``phi`` is symbolically zero.
+
+    Traces the VJP of ``guide.sample`` (no FLOPs) and follows the data dependence back
+    from the cotangent of ``phi`` to the cotangent of each leaf of ``z``. Conservative: an
+    operation counts as depending on every input, so only a derivative that is zero by
+    construction (an integer sample cast to float, ``stop_gradient``) is reported. A
+    ``phi`` without floating-point leaves, or a guide whose VJP cannot be traced (a
+    custom rule that raises), reports nothing.
+    """
+    phi_leaves = jax.tree_util.tree_leaves(phi)
+    if not any(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in phi_leaves):
+        return []
+    z_shape = jax.eval_shape(lambda p: sample_latents(guide, p, keys, x), phi)
+    z_paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(z_shape)[0]]
+
+    def phi_cotangent(p, cotangent):
+        _, vjp = jax.vjp(lambda q: sample_latents(guide, q, keys, x), p)
+        return vjp(cotangent)
+
+    try:
+        closed = jax.make_jaxpr(phi_cotangent)(phi, jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+    except Exception:  # a guide that refuses to be differentiated says so itself
+        return []
+    jaxpr = closed.jaxpr
+    needed = {v for v in jaxpr.outvars if not hasattr(v, "val")}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            needed.update(v for v in eqn.invars if not hasattr(v, "val"))
+    cotangent_vars = jaxpr.invars[len(phi_leaves):]
+    return [path for path, var in zip(z_paths, cotangent_vars, strict=True) if var not in needed]
 
 
 def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,

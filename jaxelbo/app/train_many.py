@@ -23,6 +23,7 @@ matrix product may be summed in another order; tested to ``1e-5`` relative).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,16 +72,6 @@ def _unstack(tree: Any, n: int) -> list:
     return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
-def _chunk_body(step_fn: Callable, batches) -> Callable:
-    """The un-jitted chunk ``(params, opt_state, x, data_seed, seed, start, stop)`` of ``train``.
-
-    The very function :func:`jaxelbo.app.training.make_train_chunk` compiles, so a run
-    here follows the same loop as one trained alone.
-    """
-    compiled = training._compiled_chunk(step_fn, batches.batch_size, batches.num_rows, batches.dynamic, None)
-    return compiled.__wrapped__  # type: ignore[attr-defined]  # jax.jit keeps the wrapped function
-
-
 def _groups(runs: Sequence[Run]) -> list[list[int]]:
     """Indices of the runs, grouped by step function (first appearance order)."""
     groups: dict[int, list[int]] = {}
@@ -105,6 +96,22 @@ def _check(runs: Sequence[Run]) -> None:
                 raise ValueError(f"run {i}: {name} must be in [0, 2**31), got {value}")
 
 
+@functools.lru_cache(maxsize=16)
+def _program(step_fns: tuple, batch_size: int, num_rows: int, dynamic: bool, shared_x: bool) -> Callable:
+    """The jitted program of :func:`make_many_chunk`, cached (one compile per table layout)."""
+    bodies = [training._compiled_chunk(f, batch_size, num_rows, dynamic, None).__wrapped__ for f in step_fns]
+    x_axis = None if shared_x else 0
+
+    def program(states, xs, data_seeds, seeds, start, stop):
+        out = []
+        for body, (params, opt_state), x, ds, s in zip(bodies, states, xs, data_seeds, seeds, strict=True):
+            many = jax.vmap(body, in_axes=(0, 0, x_axis, 0, 0, None, None))
+            out.append(many(params, opt_state, x, ds, s, start, stop))
+        return out
+
+    return jax.jit(program)
+
+
 def make_many_chunk(runs: Sequence[Run]) -> Callable:
     """``chunk(states, start, stop) -> (states, metrics)``: steps [start, stop) of every run, one dispatch.
 
@@ -115,17 +122,8 @@ def make_many_chunk(runs: Sequence[Run]) -> Callable:
     _check(runs)
     groups = _groups(runs)
     shared_x = all(np.array_equal(r.batches.x, runs[0].batches.x) for r in runs)
-    bodies = [_chunk_body(runs[g[0]].step_fn, runs[g[0]].batches) for g in groups]
-    x_axis = None if shared_x else 0
-
-    def program(states, xs, data_seeds, seeds, start, stop):
-        out = []
-        for body, (params, opt_state), x, ds, s in zip(bodies, states, xs, data_seeds, seeds, strict=True):
-            many = jax.vmap(body, in_axes=(0, 0, x_axis, 0, 0, None, None))
-            out.append(many(params, opt_state, x, ds, s, start, stop))
-        return out
-
-    compiled = jax.jit(program)
+    b = runs[0].batches
+    compiled = _program(tuple(runs[g[0]].step_fn for g in groups), b.batch_size, b.num_rows, b.dynamic, shared_x)
     if shared_x:
         x0 = jnp.asarray(runs[0].batches.x)
         xs = [x0 for _ in groups]

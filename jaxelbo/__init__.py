@@ -7,6 +7,7 @@ whose value is minus the mean bound and whose ``jax.grad`` is the chosen estimat
 from importlib import metadata as _metadata
 
 from jaxelbo import models
+from jaxelbo.ais import AISResult, BDMCResult, ais_log_likelihood, ais_schedule, bdmc, reverse_ais_log_likelihood
 from jaxelbo.chi import cubo
 from jaxelbo.diagnostics import (
     ElboSurgery,
@@ -19,6 +20,7 @@ from jaxelbo.diagnostics import (
     paired_bias_test,
 )
 from jaxelbo.estimators import ESTIMATORS
+from jaxelbo.gaps import InferenceGaps, amortisation_gap
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
 from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
@@ -33,10 +35,17 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "ESTIMATORS",
     "OBJECTIVES",
+    "AISResult",
+    "BDMCResult",
     "ElboSurgery",
     "Guide",
+    "InferenceGaps",
     "Model",
     "PairedBiasTest",
+    "ais_log_likelihood",
+    "ais_schedule",
+    "amortisation_gap",
+    "bdmc",
     "ciwae",
     "cubo",
     "effective_sample_size",
@@ -57,6 +66,7 @@ __all__ = [
     "piwae",
     "psis_khat",
     "renyi",
+    "reverse_ais_log_likelihood",
     "rws",
     "tvo",
 ]

@@ -54,12 +54,21 @@ def _normal_logpdf(v: jax.Array, mean: jax.Array, var) -> jax.Array:
 
 
 def model() -> Model:
-    """``p(z_2) = N(mu, I)``, ``p(z_1 | z_2) = N(z_2, I)``, ``p(x | z_1) = N(z_1, I)``; ``z = (z_1, z_2)``."""
+    """``p(z_2) = N(mu, I)``, ``p(z_1 | z_2) = N(z_2, I)``, ``p(x | z_1) = N(z_1, I)``; ``z = (z_1, z_2)``,
+    with ancestral ``sample``."""
     def log_prior(theta, z):
         z1, z2 = z
         return _normal_logpdf(z2, theta["mu"], 1.0) + _normal_logpdf(z1, z2, 1.0)
 
-    return Model(log_prior=log_prior, log_likelihood=lambda theta, x, z: _normal_logpdf(x, z[0], 1.0))
+    def sample(theta, rng):
+        k2, k1, kx = jax.random.split(rng, 3)
+        mu = theta["mu"]
+        z2 = mu + jax.random.normal(k2, jnp.shape(mu))
+        z1 = z2 + jax.random.normal(k1, jnp.shape(z2))
+        return (z1, z2), z1 + jax.random.normal(kx, jnp.shape(z1))
+
+    return Model(log_prior=log_prior, log_likelihood=lambda theta, x, z: _normal_logpdf(x, z[0], 1.0),
+                 sample=sample)
 
 
 def guide() -> Guide:

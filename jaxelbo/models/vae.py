@@ -275,9 +275,15 @@ def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), 
         del rng
         return (encode_raw(phi, x)[0],)
 
+    def model_sample(theta, rng):
+        k_z, k_x = jax.random.split(rng)
+        z = jax.random.normal(k_z, (latent_dim,), param_dtype)
+        x = jax.random.bernoulli(k_x, jax.nn.sigmoid(decode_logits(theta, z))).astype(param_dtype)
+        return z, x
+
     config = {"data_dim": int(data_dim), "hidden": list(hidden), "latent_dim": int(latent_dim)}
-    return VAE(Model(log_prior, log_likelihood), Guide(sample, log_prob), params, encode, decode, config,
-               generate, posterior_means)
+    return VAE(Model(log_prior, log_likelihood, model_sample), Guide(sample, log_prob), params, encode, decode,
+               config, generate, posterior_means)
 
 
 def _gaussian_sample(layer: Encoder, rng: jax.Array, h: jax.Array) -> jax.Array:
@@ -393,10 +399,18 @@ def build_two_layer(rng: jax.Array, data_dim: int, *,
         mean2 = jnp.mean(enc.z2(mean1 + jnp.exp(log_std1) * eps)[0], axis=0)
         return mean1, mean2
 
+    def model_sample(theta, rng):
+        dec = nnx.merge(dec_graph, theta)
+        k2, k1, k_x = jax.random.split(rng, 3)
+        z2 = jax.random.normal(k2, (d2,), param_dtype)
+        z1 = _gaussian_sample(dec.z1, k1, z2)
+        x = jax.random.bernoulli(k_x, jax.nn.sigmoid(dec.x(z1))).astype(param_dtype)
+        return (z1, z2), x
+
     config = {"data_dim": int(data_dim), "hidden": [list(h) for h in hidden], "latent_dim": list(latent_dims),
               "stochastic_layers": 2}
-    return VAE(Model(log_prior, log_likelihood), Guide(sample, log_prob), params, encode, decode, config,
-               generate, posterior_means)
+    return VAE(Model(log_prior, log_likelihood, model_sample), Guide(sample, log_prob), params, encode, decode,
+               config, generate, posterior_means)
 
 
 def make(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), latent_dim: int = 50,

@@ -14,10 +14,17 @@ Reports, as plain floats:
   (Burda et al. 2016, section 5.2), and ``active_units_per_layer`` (one count per
   stochastic layer) when the VAE's ``posterior_means`` is given;
 * ELBO surgery (Hoffman & Johnson 2016) via :func:`jaxelbo.elbo_surgery`:
-  ``reconstruction``, ``index_code_mi``, ``marginal_kl``, ``avg_kl``.
+  ``reconstruction``, ``index_code_mi``, ``marginal_kl``, ``avg_kl``;
+* with ``method="ais"`` or ``"all"`` (:func:`evaluate_ais`): ``ais_log_likelihood`` (AIS,
+  :func:`jaxelbo.ais_log_likelihood`) with its standard error, ``ais_minus_iwae`` (paired, per
+  point), the amortisation and approximation gaps (:func:`jaxelbo.amortisation_gap`) and, with
+  ``bdmc_points``, the BDMC gap on data simulated from the model (:func:`jaxelbo.bdmc`), each
+  with its seconds and seconds per 1000 points.
 
 References:
   Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
+  Wu, Burda, Salakhutdinov & Grosse (2017), arXiv:1611.04273 (AIS and BDMC for decoders).
+  Cremer, Li & Duvenaud (2018), arXiv:1801.03558 (the amortisation gap).
   Hoffman & Johnson (2016), "ELBO surgery", NIPS workshop on Advances in Approximate
   Bayesian Inference.
 """
@@ -38,6 +45,7 @@ from jaxelbo.log_weights import log_mean_exp
 from jaxelbo.psis import KHAT_THRESHOLD, psis_tail_size
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+METHODS = ("iwae", "ais", "all")
 
 
 def active_units(encode: Callable, phi, x: jax.Array, threshold: float = ACTIVE_UNIT_THRESHOLD
@@ -92,7 +100,9 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
              encode: Callable | None = None, posterior_means: Callable | None = None,
              num_samples_ll: int = 5000, chunk_size: int = 500,
              num_samples_iwae: int = 64, batch_size: int = 100, surgery: bool = True,
-             surgery_chunk_size: int = 256, progress: bool = False) -> dict:
+             surgery_chunk_size: int = 256, progress: bool = False, method: str = "iwae",
+             ais_steps: int = 1000, ais_chains: int = 16, bdmc_points: int = 0,
+             amortisation_steps: int = 300, ais_kwargs: dict | None = None, keep_per_point: bool = False) -> dict:
     """All evaluation numbers of ``params`` on ``x`` (``(N, D)``), as a dict of floats.
 
     Args:
@@ -109,16 +119,29 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
       batch_size: examples per evaluation batch.
       surgery: compute the ELBO-surgery terms (O(N^2) guide evaluations).
       progress: show a tqdm bar over the points of the log-likelihood estimate (the
-        slow part: about N x num_samples_ll decoder passes).
+        slow part: about N x num_samples_ll decoder passes) and over the AIS steps.
+      method: ``iwae`` (IWAE-``num_samples_ll`` only), ``ais`` (AIS instead of it) or ``all``
+        (both, their paired difference, the amortisation gap and, with ``bdmc_points``, BDMC);
+        see :func:`evaluate_ais`.
+      ais_steps, ais_chains: AIS temperatures and chains per point.
+      bdmc_points: points simulated from the model for the BDMC gap (0 skips it).
+      amortisation_steps: Adam steps of the local Gaussians of the amortisation gap (0 skips it).
+      ais_kwargs: further keyword arguments of :func:`jaxelbo.ais_log_likelihood`.
+      keep_per_point: also return ``log_likelihood_per_point`` and ``ais_per_point`` (lists).
 
     Returns:
       ``num_points`` (N), the IWAE bound and ELBO, ``log_likelihood`` with its standard
       error and ``log_likelihood_seconds`` (wall time of the estimate), active units and
       the ELBO-surgery terms, as plain numbers.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "ais":
+        num_samples_ll = 0
     x = np.asarray(x)
     n = len(x)
-    out: dict = {"num_points": n}
+    out: dict = {"num_points": n, "method": method}
+    ll = None
     bounds = _bounds_fn(model, guide, num_samples_iwae)
     iw, el, kh = [], [], []
     for i, xb in enumerate(_batches(x, batch_size)):
@@ -149,6 +172,15 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
         out["log_likelihood"] = float(ll.mean())
         out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
         out["log_likelihood_num_samples"] = int(num_samples_ll)
+        out["log_likelihood_seconds_per_1000_points"] = out["log_likelihood_seconds"] * 1000.0 / n
+        if keep_per_point:
+            out["log_likelihood_per_point"] = ll.tolist()
+
+    if method in ("ais", "all"):
+        out.update(evaluate_ais(model, guide, params, jax.random.fold_in(rng, 4), x, num_steps=ais_steps,
+                                num_chains=ais_chains, iwae=ll, bdmc_points=bdmc_points if method == "all" else 0,
+                                amortisation_steps=amortisation_steps if method == "all" else 0,
+                                progress=progress, keep_per_point=keep_per_point, **(ais_kwargs or {})))
 
     if posterior_means is not None:
         counts = active_units_per_layer(posterior_means, params["guide"], jax.random.fold_in(rng, 3), x)
@@ -162,6 +194,118 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
             out[f"surgery_{field}"] = float(getattr(s, field))
         out["surgery_log_num_points"] = math.log(n)
     return out
+
+
+def _mean_and_stderr(v: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(v, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def evaluate_ais(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: np.ndarray, *,
+                 num_steps: int = 1000, num_chains: int = 16, batch_size: int = 10, iwae: np.ndarray | None = None,
+                 bdmc_points: int = 0, amortisation_steps: int = 300, progress: bool = False,
+                 keep_per_point: bool = False, **ais_kwargs) -> dict:
+    r"""AIS log-likelihood, its gap to IWAE, the amortisation gap and the BDMC gap, as floats.
+
+    * ``ais_log_likelihood``: ``(1/N) sum_n AIS(x_n)`` (:func:`jaxelbo.ais_log_likelihood`,
+      ``num_steps`` temperatures, ``num_chains`` chains), a stochastic lower bound, with
+      ``ais_log_likelihood_stderr`` over the points and ``ais_chain_stderr`` (the mean
+      over points of each estimate's standard error over chains); ``ais_acceptance``;
+    * ``ais_minus_iwae`` (when ``iwae``, the per-point IWAE estimates, is given): the mean
+      of ``AIS(x_n) - IWAE(x_n)`` and its paired standard error; positive means IWAE is loose;
+    * ``amortisation_gap`` ``= ELBO[q*] - ELBO[q_phi]`` and ``approximation_gap``
+      ``= AIS - ELBO[q*]`` (:func:`jaxelbo.amortisation_gap`, ``amortisation_steps`` Adam steps);
+    * ``bdmc_gap``: with ``bdmc_points`` > 0, the mean width ``reverse - forward`` of the
+      BDMC sandwich on that many points simulated from the model (:func:`jaxelbo.bdmc`,
+      same settings as the AIS run), with ``bdmc_forward`` and ``bdmc_reverse``;
+    * ``*_seconds`` and ``*_seconds_per_1000_points``: wall times (compilation included).
+
+    The tqdm bar (``progress``) counts AIS transitions, ``N x (num_steps - 1)`` in all.
+
+    Returns:
+      A dict of plain numbers.
+    """
+    from tqdm.auto import tqdm
+
+    x = np.asarray(x)
+    n = len(x)
+    out: dict = {"ais_num_steps": int(num_steps), "ais_num_chains": int(num_chains)}
+    chain_chunk = int(ais_kwargs.pop("chain_chunk_size", min(num_chains, 16)))
+    num_batches = -(-n // batch_size)
+    calls_per_batch = max(num_steps - 1, 0) * -(-num_chains // chain_chunk)  # one per transition and chain chunk
+    with tqdm(total=num_batches * max(num_steps - 1, 0), desc=f"AIS, T={num_steps}, {batch_size} points at a time",
+              unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
+        def tick(t):
+            del t
+            bar.update(max(num_steps - 1, 0) / calls_per_batch)
+
+        fn = _ais_fn(model, guide, num_steps, num_chains, chain_chunk, tuple(sorted(ais_kwargs.items())),
+                     tick if progress and calls_per_batch else None)
+        t0 = time.perf_counter()
+        lls, ses, accs = [], [], []
+        for i, xb in enumerate(_batches(x, batch_size)):
+            res = fn(params, jax.random.fold_in(rng, i), jnp.asarray(xb))
+            lls.append(np.asarray(res.log_likelihood))
+            ses.append(np.asarray(res.stderr))
+            accs.append(np.asarray(res.acceptance))
+            bar.n = (i + 1) * max(num_steps - 1, 0)
+            bar.refresh()
+    ais = np.concatenate(lls)
+    seconds = time.perf_counter() - t0
+    out["ais_log_likelihood"], out["ais_log_likelihood_stderr"] = _mean_and_stderr(ais)
+    if keep_per_point:
+        out["ais_per_point"] = ais.tolist()
+    out["ais_chain_stderr"] = float(np.nanmean(np.concatenate(ses)))
+    acc = np.concatenate(accs)
+    out["ais_acceptance"] = float(acc.mean()) if acc.size else None
+    out["ais_seconds"] = seconds
+    out["ais_seconds_per_1000_points"] = seconds * 1000.0 / n
+    if iwae is not None:
+        out["ais_minus_iwae"], out["ais_minus_iwae_stderr"] = _mean_and_stderr(ais - np.asarray(iwae))
+    if amortisation_steps:
+        t0 = time.perf_counter()
+        fn_gap = _gap_fn(model, guide, int(amortisation_steps))
+        gaps = [fn_gap(params, jax.random.fold_in(jax.random.fold_in(rng, 1), i), jnp.asarray(xb),
+                       jnp.asarray(ais[i * batch_size:i * batch_size + len(xb)]))
+                for i, xb in enumerate(_batches(x, batch_size))]
+        amort = np.concatenate([np.asarray(g.amortisation_gap) for g in gaps])
+        approx = np.concatenate([np.asarray(g.approximation_gap) for g in gaps])
+        out["amortisation_gap"], out["amortisation_gap_stderr"] = _mean_and_stderr(amort)
+        out["approximation_gap"], out["approximation_gap_stderr"] = _mean_and_stderr(approx)
+        out["amortisation_steps"] = int(amortisation_steps)
+        out["amortisation_seconds"] = time.perf_counter() - t0
+    if bdmc_points:
+        t0 = time.perf_counter()
+        res = _bdmc_fn(model, guide, int(bdmc_points), num_steps, num_chains, chain_chunk,
+                       tuple(sorted(ais_kwargs.items())))(params, jax.random.fold_in(rng, 2))
+        out["bdmc_num_points"] = int(bdmc_points)
+        out["bdmc_forward"] = float(np.mean(np.asarray(res.forward)))
+        out["bdmc_reverse"] = float(np.mean(np.asarray(res.reverse)))
+        out["bdmc_gap"], out["bdmc_gap_stderr"] = _mean_and_stderr(np.asarray(res.reverse) - np.asarray(res.forward))
+        out["bdmc_seconds"] = time.perf_counter() - t0
+        out["bdmc_seconds_per_1000_points"] = out["bdmc_seconds"] * 1000.0 / int(bdmc_points)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _ais_fn(model: je.Model, guide: je.Guide, num_steps: int, num_chains: int, chain_chunk: int, kwargs: tuple,
+            callback: Callable | None):
+    return jax.jit(lambda params, rng, xb: je.ais_log_likelihood(
+        model, guide, params, rng, xb, num_steps=num_steps, num_chains=num_chains, chain_chunk_size=chain_chunk,
+        callback=callback, **dict(kwargs)))
+
+
+@functools.lru_cache(maxsize=16)
+def _bdmc_fn(model: je.Model, guide: je.Guide, num_points: int, num_steps: int, num_chains: int, chain_chunk: int,
+             kwargs: tuple):
+    return jax.jit(lambda params, rng: je.bdmc(model, guide, params, rng, num_points=num_points, num_steps=num_steps,
+                                               num_chains=num_chains, chain_chunk_size=chain_chunk, **dict(kwargs)))
+
+
+@functools.lru_cache(maxsize=16)
+def _gap_fn(model: je.Model, guide: je.Guide, num_steps: int):
+    return jax.jit(lambda params, rng, xb, ll: je.amortisation_gap(model, guide, params, rng, xb, log_likelihood=ll,
+                                                                   num_steps=num_steps))
 
 
 # Compiled evaluation functions, cached per (model, guide, sizes) so that evaluating many

@@ -437,12 +437,13 @@ def read_run_config(cfg_path: Path):
 def evaluate_run(run_dir: str | Path, *, split: str = "test", step: int | None = None,
                  data_dir: str | None = None, seed: int | None = None, num_samples: int = 5000,
                  chunk_size: int = 500, num_points: int | None = None, surgery: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, **evaluate_kwargs) -> dict:
     """Re-evaluate the checkpoint of a ``jaxelbo train`` run: what ``jaxelbo evaluate`` writes.
 
     Rebuilds the VAE from ``run_dir/config.json``, restores checkpoint ``step`` (default: the
     last) and evaluates it on ``split`` (the first ``num_points`` images) with
-    :func:`jaxelbo.app.evaluation.evaluate`.
+    :func:`jaxelbo.app.evaluation.evaluate` (``evaluate_kwargs``, e.g. ``method``,
+    ``ais_steps``, ``ais_chains``, ``bdmc_points``, go to it).
 
     Returns:
       ``{"run_dir", "step", "split", <split>: results, "wall_seconds", **environment()}``.
@@ -481,6 +482,6 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", step: int | None =
     x = data.evaluation_split(ds, split, settings["binarization"])[:num_points]
     result = evaluation.evaluate(net.model, net.guide, params, jax.random.key(seed + 10_000), x,
                                  posterior_means=net.posterior_means, num_samples_ll=num_samples,
-                                 chunk_size=chunk_size, surgery=surgery, progress=progress)
+                                 chunk_size=chunk_size, surgery=surgery, progress=progress, **evaluate_kwargs)
     return {"run_dir": str(run_dir), "step": step, "split": split, split: result,
             "wall_seconds": time.perf_counter() - t0, **environment()}

@@ -3,7 +3,9 @@
 Checks the flags and calls :func:`jaxelbo.app.experiment.evaluate_run`, which rebuilds the VAE
 from ``DIR/config.json``, restores the last (or ``--step``) orbax checkpoint and evaluates it;
 writes ``DIR/evaluation.json``: test log-likelihood (IWAE with K = 5000), IWAE-64, ELBO, active
-units and the ELBO-surgery terms, with device, versions and time.
+units and the ELBO-surgery terms, with device, versions and time. ``--method ais`` replaces the
+IWAE estimate by annealed importance sampling; ``--method all`` reports both, their paired
+difference, the amortisation gap and (``--bdmc N``) the BDMC gap on N simulated points.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-chunk-size", type=int, default=500, help="samples per chunk")
     parser.add_argument("--eval-num-points", type=int, default=None,
                         help="evaluate on the first N images of the split (default: all)")
+    parser.add_argument("--method", choices=("iwae", "ais", "all"), default="iwae",
+                        help="log p(x) by IWAE-K (default), by AIS, or all: both, their difference, the "
+                             "amortisation gap and, with --bdmc, the BDMC gap")
+    parser.add_argument("--ais-steps", type=int, default=1000, help="AIS temperatures (default 1000)")
+    parser.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point (default 16)")
+    parser.add_argument("--bdmc", type=int, default=0, metavar="N",
+                        help="with --method all: BDMC gap on N points simulated from the model (default 0: off)")
+    parser.add_argument("--amortisation-steps", type=int, default=300,
+                        help="with --method all: Adam steps of each local Gaussian of the amortisation gap "
+                             "(default 300; 0 skips it)")
     parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")
     parser.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's)")
     parser.add_argument("--data-dir", default=None, help="override the run's --data-dir")
@@ -50,13 +62,27 @@ def run(args: argparse.Namespace) -> int:
             ("--seed", args.seed)
         print(f"jaxelbo evaluate: error: {flag} must be >= 0, got {value}", file=sys.stderr)
         return 2
+    for flag, value, low in (("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 1),
+                             ("--bdmc", args.bdmc, 0), ("--amortisation-steps", args.amortisation_steps, 0)):
+        if value < low:
+            print(f"jaxelbo evaluate: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    if args.method != "iwae":
+        try:
+            import blackjax  # noqa: F401
+        except ImportError:
+            print("jaxelbo evaluate: error: --method ais/all needs BlackJAX: pip install 'jaxelbo[ais]'",
+                  file=sys.stderr)
+            return 2
     from jaxelbo.app import experiment
 
     try:
         record = experiment.evaluate_run(run_dir, split=args.split, step=args.step, data_dir=args.data_dir,
                                          seed=args.seed, num_samples=args.eval_num_samples,
                                          chunk_size=args.eval_chunk_size, num_points=args.eval_num_points,
-                                         surgery=args.surgery, progress=not args.no_progress)
+                                         surgery=args.surgery, progress=not args.no_progress,
+                                         method=args.method, ais_steps=args.ais_steps, ais_chains=args.ais_chains,
+                                         bdmc_points=args.bdmc, amortisation_steps=args.amortisation_steps)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
         return 2

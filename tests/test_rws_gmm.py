@@ -21,7 +21,7 @@ def test_the_true_posterior_is_normalised_and_the_methods_build():
 
 @pytest.mark.slow
 def test_rws_wake_phi_learns_the_posterior_in_a_short_run():
-    rec = rws_gmm.run_config("rws-wake", 2, seeds=2, steps=100, log_every=50, lr=1e-2)
+    rec = rws_gmm.run_config("rws-wake", 10, seeds=2, steps=100, log_every=50, lr=1e-2)
     q = np.asarray(rec["q_error"])
     p = np.asarray(rec["p_error"])
     assert q.shape == p.shape == (2, 3) and np.all(np.isfinite(q))

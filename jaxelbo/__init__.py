@@ -22,10 +22,10 @@ from jaxelbo.diagnostics import (
 from jaxelbo.estimators import ESTIMATORS
 from jaxelbo.gaps import InferenceGaps, amortisation_gap
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
-from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, miwae, piwae, renyi, rws
+from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, make_objective, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
 from jaxelbo.thermodynamic import tvo
-from jaxelbo.types import Guide, Model, log_joint
+from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, log_joint
 
 try:  # the version lives in pyproject.toml only
     __version__ = _metadata.version("jaxelbo")
@@ -34,12 +34,15 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "ESTIMATORS",
+    "Aux",
+    "Estimator",
     "OBJECTIVES",
     "AISResult",
     "BDMCResult",
     "ElboSurgery",
     "Guide",
     "InferenceGaps",
+    "LossFn",
     "Model",
     "PairedBiasTest",
     "ais_log_likelihood",
@@ -59,6 +62,7 @@ __all__ = [
     "log_joint",
     "log_likelihood",
     "log_weights",
+    "make_objective",
     "miwae",
     "models",
     "normalized_weights",

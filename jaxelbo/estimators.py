@@ -36,19 +36,33 @@ own weights ``c_k = dF / dlog w~_k``; the estimators differ in what ``phi`` rece
   Works for discrete latents.
 
 The two engines below, :func:`pathwise_surrogate` and :func:`score_surrogate`, are all
-the machinery; the objectives only supply ``F`` and the per-sample ratios or signals.
+the machinery; the objectives only supply ``F`` and the per-sample ratios or signals
+(:func:`jaxelbo.make_objective` derives both from ``F`` by autodiff when they are not
+given: :func:`dreg_weights`, :func:`leave_one_out_signal`).
+
+**Every other input gets its plain derivative.** Only ``params["guide"]`` is rerouted.
+The batch ``x`` and any array the model or the guide closes over (hoisted with
+:func:`jax.closure_convert`) receive the plain autodiff derivative of the Monte Carlo
+value, ``theta`` the bound's own weights. The rerouting is a ``custom_jvp`` with
+symbolic zeros: nothing is computed for an input that is not differentiated, forward
+mode (``jax.jvp``, ``jax.jacfwd``) works, and reverse mode is still one forward and one
+backward pass.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxelbo.log_weights import (
     batch_size_of,
+    leave_one_out_logsumexp,
+    leave_one_out_mean,
     log_joint_latents,
     log_mean_exp,
     log_prob_latents,
@@ -56,11 +70,16 @@ from jaxelbo.log_weights import (
     sample_keys,
     sample_latents,
 )
-from jaxelbo.types import Guide, Model, PyTree
+from jaxelbo.types import Estimator, Guide, Model, PyTree
 
-ESTIMATORS = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")  # ovis: jaxelbo.ovis
-PATHWISE = ("reparam", "stl", "dreg")
-SCORE_FUNCTION = ("score", "vimco")
+__all__ = ["ESTIMATORS", "PATHWISE", "SCORE_FUNCTION", "check_continuous_latents", "dreg_ratio_from_weights",
+           "dreg_weights", "elbo_score_signal", "iwae_score_signal", "leave_one_out_logsumexp",
+           "leave_one_out_mean", "leave_one_out_signal", "pathwise_surrogate", "score_surrogate",
+           "vimco_signal"]
+
+ESTIMATORS: tuple[Estimator, ...] = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")  # ovis: jaxelbo.ovis
+PATHWISE: tuple[Estimator, ...] = ("reparam", "stl", "dreg")
+SCORE_FUNCTION: tuple[Estimator, ...] = ("score", "vimco")
 
 sg = jax.lax.stop_gradient
 
@@ -70,36 +89,8 @@ SignalFn = Callable[[jax.Array], jax.Array]    # (B, *S) log-weights -> (B, *S) 
 
 
 # --------------------------------------------------------------------------------------
-# Leave-one-out reductions (baselines that do not depend on z_k)
+# Learning signals and DReG weights
 # --------------------------------------------------------------------------------------
-
-
-def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
-    """``LSE_{-k} = log sum_{j != k} exp(log w~_j)`` for every k, along the last axis.
-
-    O(K) and stable for any spread of log-weights: every k except the arg-max subtracts
-    its own term from a sum that contains ``exp(0) = 1`` (the maximum), so there is no
-    catastrophic cancellation; the arg-max's value is a masked sum around the runner-up.
-    Requires K >= 2.
-    """
-    k = log_weights.shape[-1]
-    if k < 2:
-        raise ValueError("leave-one-out needs at least 2 samples")
-    top = jnp.argmax(log_weights, axis=-1, keepdims=True)
-    is_top = jnp.arange(k).reshape((1,) * (log_weights.ndim - 1) + (k,)) == top
-    m1 = jnp.max(log_weights, axis=-1, keepdims=True)
-    s1 = jnp.sum(jnp.exp(log_weights - m1), axis=-1, keepdims=True)
-    # the arg-max's slot of `rest` is unused; keep it finite so that gradients stay finite
-    rest = jnp.log(jnp.where(is_top, 1.0, s1 - jnp.exp(log_weights - m1))) + m1
-    others = jnp.where(is_top, -jnp.inf, log_weights)
-    lse_without_top = jax.nn.logsumexp(others, axis=-1, keepdims=True)
-    return jnp.where(is_top, lse_without_top, rest)
-
-
-def leave_one_out_mean(log_weights: jax.Array) -> jax.Array:
-    """``mean_{j != k} log w~_j`` for every k, along the last axis (K >= 2)."""
-    k = log_weights.shape[-1]
-    return (jnp.sum(log_weights, axis=-1, keepdims=True) - log_weights) / (k - 1)
 
 
 def iwae_score_signal(log_weights: jax.Array) -> jax.Array:
@@ -138,62 +129,234 @@ def elbo_score_signal(log_weights: jax.Array) -> jax.Array:
     return (log_weights - leave_one_out_mean(log_weights)) / k
 
 
+def leave_one_out_signal(bound_fn: BoundFn, log_weights: jax.Array) -> jax.Array:
+    """Score-function learning signal ``s_k = F(l) - F(l with l_k := mean_{j != k} l_j)``.
+
+    The baseline is the bound of ONE example's log-weights ``l`` (any shape, all of its
+    N entries are the samples) with sample k's entry replaced by the mean of the others,
+    so it does not depend on ``z_k`` and the estimate stays unbiased. For IWAE this is
+    VIMCO's baseline (Mnih & Rezende 2016, arXiv:1602.06725), for the ELBO the
+    leave-one-out mean. Costs N evaluations of ``F`` (O(N^2) for the usual bounds). With
+    N = 1 the baseline is 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxelbo.estimators import leave_one_out_signal, vimco_signal
+      >>> from jaxelbo.log_weights import log_mean_exp
+      >>> lw = jnp.array([0.0, -1.0, 2.0, 0.5])
+      >>> bool(jnp.allclose(leave_one_out_signal(log_mean_exp, lw), vimco_signal(lw), atol=1e-6))
+      True
+    """
+    shape = log_weights.shape
+    flat = log_weights.reshape(-1)
+    n = flat.shape[0]
+
+    def f(v: jax.Array) -> jax.Array:
+        return bound_fn(v.reshape(shape))
+
+    value = f(flat)
+    if n == 1:
+        return jnp.broadcast_to(value, shape)
+    replaced = jnp.where(jnp.eye(n, dtype=bool), leave_one_out_mean(flat)[:, None], flat[None, :])
+    return (value - jax.vmap(f)(replaced)).reshape(shape)
+
+
+def dreg_weights(bound_fn: BoundFn, log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(c, d)`` of one example by autodiff: ``c = grad F`` and ``d_k = c_k - dc_k / dlog w~_k``.
+
+    ``c`` is what ``theta`` (and every input but ``phi``) receives per sample; ``d`` is the
+    doubly-reparameterised weight of ``phi``'s path derivative ``g_k`` (Tucker et al.
+    2019, arXiv:1810.04152, generalised to any smooth ``F``). The Hessian's diagonal is
+    taken forward-over-reverse, one ``jvp`` of ``grad F`` per sample (vmapped): O(N) times
+    the cost of ``grad F``, N the number of samples of the example. Pass a closed form to
+    :func:`jaxelbo.make_objective` (``dreg_ratio``) where N is large.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxelbo.estimators import dreg_weights
+      >>> from jaxelbo.log_weights import log_mean_exp
+      >>> lw = jnp.array([0.0, -1.0, 2.0])
+      >>> c, d = dreg_weights(log_mean_exp, lw)
+      >>> bool(jnp.allclose(d, jax.nn.softmax(lw) ** 2, atol=1e-6))   # IWAE: w_k^2
+      True
+    """
+    shape = log_weights.shape
+    flat = log_weights.reshape(-1)
+
+    def grad_f(v: jax.Array) -> jax.Array:
+        return jax.grad(lambda u: bound_fn(u.reshape(shape)))(v)
+
+    c = grad_f(flat)
+    basis = jnp.eye(flat.shape[0], dtype=flat.dtype)
+    hessian_diag = jnp.diagonal(jax.vmap(lambda e: jax.jvp(grad_f, (flat,), (e,))[1])(basis))
+    return c.reshape(shape), (c - hessian_diag).reshape(shape)
+
+
+def dreg_ratio_from_weights(c: jax.Array, d: jax.Array) -> jax.Array:
+    """``r_k = d_k / c_k``, and 0 where ``|c_k|`` underflows (below ``1e8`` times the tiniest normal).
+
+    The single-pass DReG routes ``phi``'s cotangent as ``r_k c_k = d_k``; a sample whose
+    ``c_k`` is (numerically) zero then contributes nothing to ``phi``.
+    """
+    safe = jnp.abs(c) > 1e8 * jnp.finfo(c.dtype).tiny
+    return jnp.where(safe, d / jnp.where(safe, c, 1.0), 0.0)
+
+
 # --------------------------------------------------------------------------------------
-# Engines
+# Routing: log-weights whose phi-tangent is rerouted, every other input's plain
 # --------------------------------------------------------------------------------------
+
+
+def _is_zero(tangent: PyTree) -> bool:
+    return all(isinstance(leaf, SymbolicZero) for leaf in
+               jax.tree_util.tree_leaves(tangent, is_leaf=lambda t: isinstance(t, SymbolicZero)))
+
+
+def _instantiate(tangent: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, t.dtype) if isinstance(t, SymbolicZero) else t,
+                                  tangent, is_leaf=lambda t: isinstance(t, SymbolicZero))
+
+
+def _zeros_like(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
 def _scale_leaves(tree: PyTree, r: jax.Array) -> PyTree:
     """Multiply every leaf of shape ``(B, N, ...)`` by ``r`` of shape ``(B, N)``."""
-    def scale(leaf):
+    def scale(leaf: jax.Array) -> jax.Array:
         return leaf * r.reshape(r.shape + (1,) * (leaf.ndim - r.ndim)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(scale, tree)
 
 
-def _routed_log_weights(model: Model, guide: Guide, ratio_fn: RatioFn, sample_shape: tuple[int, ...],
-                        direct: bool) -> Callable:
-    """Log-weights ``(B, N)`` whose backward pass gives ``phi`` the cotangents ``r * c``.
+def _add(a: PyTree | None, b: PyTree | None) -> PyTree | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return jax.tree_util.tree_map(jnp.add, a, b)
 
-    ``theta`` receives the incoming cotangent ``c`` unchanged (through ``log p``). The
-    cotangent of ``z`` (from ``log p`` and ``log q``) and, when ``direct``, of ``log q``'s
-    own dependence on ``phi`` are multiplied per sample by ``r = ratio_fn(log w~)``,
-    computed once in the forward pass. One forward and one backward pass over the
-    samples; nothing is evaluated twice.
+
+def _linearize(fn: Callable[..., Any], args: Sequence[Any], live: Sequence[bool]) -> tuple[Any, Callable | None]:
+    """``fn(*args)`` and its linear map in the ``live`` arguments only (``None`` if none is live)."""
+    idx = [i for i, flag in enumerate(live) if flag]
+    if not idx:
+        return fn(*args), None
+
+    def partial_fn(*live_args: Any) -> Any:
+        full = list(args)
+        for i, a in zip(idx, live_args, strict=True):
+            full[i] = a
+        return fn(*full)
+
+    out, lin = jax.linearize(partial_fn, *[args[i] for i in idx])
+    return out, lin
+
+
+def _continuous(tree: PyTree) -> bool:
+    return all(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _routed(model: Model, guide: Guide, theta: PyTree, phi: PyTree, keys: jax.Array, x: PyTree, *,
+            ratio_fn: RatioFn | None, pathwise: bool, direct: bool, score: bool,
+            sample_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(log_w, score)`` of shape ``(B, N)``: the log-weights and a zero carrying ``phi``'s score tangent.
+
+    The tangent of ``log_w`` (and so, transposed, every cotangent) is the plain derivative
+    in ``theta``, ``x`` and every array closed over by the model or the guide. In ``phi``
+    it is routed: the path through ``z = t(eps, phi; x)`` (only when ``pathwise``) and,
+    when ``direct``, ``log q``'s own dependence on ``phi`` are multiplied per sample by
+    ``r = ratio_fn(log w~)`` (1 when ``ratio_fn`` is None), computed once from the primal
+    log-weights. ``score`` is zero in value; with ``score=True`` its tangent is
+    ``dlog q(z_k)/dphi`` at fixed ``z`` and ``x`` (the score-function estimators' term).
+    When ``x`` and the closed-over arrays are not differentiated (symbolic zeros), every
+    linear map is applied once: one forward and one backward pass.
     """
+    def sample_fn(p: PyTree, k: jax.Array, xx: PyTree) -> PyTree:
+        return sample_latents(guide, p, k, xx)
 
-    def forward(theta, phi, keys, x):
-        z, vjp_sample = jax.vjp(lambda p: sample_latents(guide, p, keys, x), phi)
-        log_p, vjp_log_p = jax.vjp(lambda t, z: log_joint_latents(model, t, x, z), theta, z)
-        if direct:
-            log_q, vjp_log_q = jax.vjp(lambda p, z: log_prob_latents(guide, p, x, z), phi, z)
-        else:
-            log_q, vjp_log_q = jax.vjp(lambda z: log_prob_latents(guide, sg(phi), x, z), z)
+    def log_p_fn(t: PyTree, xx: PyTree, z: PyTree) -> jax.Array:
+        return log_joint_latents(model, t, xx, z)
+
+    def log_q_fn(p: PyTree, xx: PyTree, z: PyTree) -> jax.Array:
+        return log_prob_latents(guide, p, xx, z)
+
+    z_struct = jax.eval_shape(sample_fn, phi, keys, x)
+    z0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), z_struct)
+    sample_c, cs = jax.closure_convert(sample_fn, phi, keys, x)
+    log_p_c, cp = jax.closure_convert(log_p_fn, theta, x, z0)
+    log_q_c, cq = jax.closure_convert(log_q_fn, phi, x, z0)
+    z_moves = _continuous(z_struct)
+
+    @jax.custom_jvp
+    def routed(theta: PyTree, phi: PyTree, x: PyTree, keys: jax.Array, cs: list, cp: list,
+               cq: list) -> tuple[jax.Array, jax.Array]:
+        z = sample_c(phi, keys, x, *cs)
+        log_w = log_p_c(theta, x, z, *cp) - log_q_c(phi, x, z, *cq)
+        return log_w, jnp.zeros_like(log_w)
+
+    def rule(primals: tuple, tangents: tuple) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        theta, phi, x, keys, cs, cp, cq = primals
+        live = [not _is_zero(t) for i, t in enumerate(tangents) if i != 3]
+        l_theta, l_phi, l_x, l_cs, l_cp, l_cq = live
+        d_theta, d_phi, d_x, _, d_cs, d_cp, d_cq = (_instantiate(t) for t in tangents)
+        # z = t(eps, phi; x, cs): the phi-path (rerouted) and the x-path (plain), kept apart
+        l_zphi = z_moves and pathwise and l_phi
+        l_zx = z_moves and (l_x or l_cs)
+        z, s_lin = _linearize(lambda p, xx, c: sample_c(p, keys, xx, *c), (phi, x, cs), (l_zphi, l_zx, l_zx))
+        dz_phi = dz_x = None
+        if s_lin is not None:
+            if l_zphi and l_zx:
+                dz_phi = s_lin(d_phi, _zeros_like(x), _zeros_like(cs))
+                dz_x = s_lin(_zeros_like(phi), d_x, d_cs)
+            elif l_zphi:
+                dz_phi = s_lin(d_phi)
+            else:
+                dz_x = s_lin(d_x, d_cs)
+        l_z = l_zphi or l_zx
+        log_p, p_lin = _linearize(lambda t, xx, c, zz: log_p_c(t, xx, zz, *c), (theta, x, cp, z),
+                                  (l_theta, l_x, l_cp, l_z))
+        q_phi = l_phi and (direct or score)
+        q_live = (q_phi, l_x, l_cq, l_z)
+        log_q, q_lin = _linearize(lambda p, xx, c, zz: log_q_c(p, xx, zz, *c), (phi, x, cq, z), q_live)
         log_w = log_p - log_q
-        batch = log_w.shape[0]
-        ratio = ratio_fn(log_w.reshape((batch, *sample_shape))).reshape(log_w.shape)
-        return log_w, (vjp_sample, vjp_log_p, vjp_log_q, ratio)
+        ratio = None if ratio_fn is None else sg(
+            ratio_fn(log_w.reshape((log_w.shape[0], *sample_shape))).reshape(log_w.shape))
 
-    def backward(residuals, g):
-        vjp_sample, vjp_log_p, vjp_log_q, ratio = residuals
-        g_theta, g_z_p = vjp_log_p(g)
-        g_q = -g * ratio
-        if direct:
-            g_phi_direct, g_z_q = vjp_log_q(g_q)
-        else:
-            (g_z_q,) = vjp_log_q(g_q)
-        g_z = jax.tree_util.tree_map(jnp.add, _scale_leaves(g_z_p, ratio), g_z_q)
-        (g_phi,) = vjp_sample(g_z)
-        if direct:
-            g_phi = jax.tree_util.tree_map(jnp.add, g_phi, g_phi_direct)
-        return g_theta, g_phi, None, None
+        def times_r(t: PyTree) -> PyTree:
+            return t if ratio is None else _scale_leaves(t, ratio)
 
-    @jax.custom_vjp
-    def routed(theta, phi, keys, x):
-        return forward(theta, phi, keys, x)[0]
+        dz = _add(dz_x, None if dz_phi is None else times_r(dz_phi))
 
-    routed.defvjp(forward, backward)
-    return routed
+        def apply(lin: Callable, flags: Sequence[bool], tangents: Sequence[Any], primals: Sequence[Any]) -> Any:
+            return lin(*[_zeros_like(p) if t is None else t
+                         for t, p, flag in zip(tangents, primals, flags, strict=True) if flag])
+
+        d_log_w = jnp.zeros_like(log_w)
+        if p_lin is not None:  # log p: plain in theta, x, cp; z's tangent already carries r on its phi-path
+            d_log_w = apply(p_lin, (l_theta, l_x, l_cp, l_z), (d_theta, d_x, d_cp, dz), (theta, x, cp, z))
+        d_score = jnp.zeros_like(log_w)
+        if q_lin is not None:  # log q: its phi part (direct and through z) rerouted, its x part plain
+            q_primals = (phi, x, cq, z)
+            has_phi = q_phi or dz_phi is not None
+            has_x = l_x or l_cq or dz_x is not None
+            if has_phi and has_x:
+                phi_part = apply(q_lin, q_live, (d_phi, None, None, dz_phi), q_primals)
+                x_part = apply(q_lin, q_live, (None, d_x, d_cq, dz_x), q_primals)
+            elif has_phi:
+                phi_part, x_part = apply(q_lin, q_live, (d_phi, None, None, dz_phi), q_primals), None
+            else:
+                phi_part, x_part = None, apply(q_lin, q_live, (None, d_x, d_cq, dz_x), q_primals)
+            if phi_part is not None and (direct or pathwise):
+                d_log_w = d_log_w - times_r(phi_part)
+            if x_part is not None:
+                d_log_w = d_log_w - x_part
+            if score and phi_part is not None:
+                d_score = phi_part
+        return (log_w, jnp.zeros_like(log_w)), (d_log_w, d_score)
+
+    routed.defjvp(rule, symbolic_zeros=True)
+    return routed(theta, phi, x, keys, cs, cp, cq)
 
 
 def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree, estimator: str) -> None:
@@ -251,6 +414,11 @@ def _latents_without_derivative(guide: Guide, phi: PyTree, keys: jax.Array, x: P
     return [path for path, var in zip(z_paths, cotangent_vars, strict=True) if var not in needed]
 
 
+# --------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------
+
+
 def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                        sample_shape: tuple[int, ...], bound_fn: BoundFn, estimator: str,
                        dreg_ratio: RatioFn | None = None,
@@ -261,7 +429,8 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
       sample_shape: ``(K,)`` or ``(M, K)``; the guide is sampled ``prod(sample_shape)``
         times per example.
       bound_fn: the bound of ``(B, *sample_shape)`` log-weights, shape ``(B,)``.
-      dreg_ratio: ``d_k / c_k`` of the objective's DReG weights (needed for ``dreg``).
+      dreg_ratio: ``d_k / c_k`` of the objective's DReG weights, ``(B, *S) -> (B, *S)``
+        (needed for ``dreg``).
       phi_ratio: where ``phi`` optimises a different bound than ``theta`` (PIWAE), the
         ratio of ``phi``'s weights to ``theta``'s for ``reparam``/``stl``.
     """
@@ -276,12 +445,13 @@ def pathwise_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
         ratio, direct = dreg_ratio, False
     else:
         ratio, direct = phi_ratio, estimator == "reparam"
-    if ratio is None:
+    if ratio is None:  # plain autodiff: reparam, or stl's log q at stop_gradient(phi)
         _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x,
                                                  log_q_params=phi if direct else sg(phi))
         log_w = log_p - log_q
     else:
-        log_w = _routed_log_weights(model, guide, ratio, sample_shape, direct)(theta, phi, keys, x)
+        log_w, _ = _routed(model, guide, theta, phi, keys, x, ratio_fn=ratio, pathwise=True, direct=direct,
+                           score=False, sample_shape=sample_shape)
     log_w = log_w.reshape((batch, *sample_shape))
     return bound_fn(log_w), log_w
 
@@ -291,16 +461,18 @@ def score_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x:
                     direct: bool = True) -> tuple[jax.Array, jax.Array]:
     """Score-function surrogate ``F(log w~) + sum_k sg(s_k) (log q_k - sg(log q_k))``.
 
-    ``z`` is never differentiated (it may be discrete). ``theta`` gets ``c_k`` through
-    ``log p``; ``phi`` gets the signals ``s_k`` on ``dlog q(z_k)/dphi`` plus, when
-    ``direct``, the direct term ``-c_k dlog q(z_k)/dphi`` of ``F``.
+    ``z`` is never differentiated with respect to ``phi`` (it may be discrete). ``theta``
+    gets ``c_k`` through ``log p``; ``phi`` gets the signals ``s_k`` on
+    ``dlog q(z_k)/dphi`` plus, when ``direct``, the direct term ``-c_k dlog q(z_k)/dphi``
+    of ``F``. ``x`` and closed-over arrays get the plain derivative of the value (through
+    a continuous ``z`` too), without the score term.
     """
     batch = batch_size_of(x)
     keys = sample_keys(rng, batch, math.prod(sample_shape))
-    _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x, stop_z=True)
     shape = (batch, *sample_shape)
-    log_w = (log_p - (log_q if direct else sg(log_q))).reshape(shape)
+    log_w, score = _routed(model, guide, params["model"], params["guide"], keys, x, ratio_fn=None,
+                           pathwise=False, direct=direct, score=True, sample_shape=sample_shape)
+    log_w, score = log_w.reshape(shape), score.reshape(shape)
     signal = sg(signal_fn(log_w))
-    score = (log_q - sg(log_q)).reshape(shape)
     extra = jnp.sum((signal * score).reshape(batch, -1), axis=-1)
     return bound_fn(log_w) + extra, log_w

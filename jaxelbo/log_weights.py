@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from jaxelbo._validation import batch_size_of
 from jaxelbo.types import Guide, Model, PyTree, log_joint
 
-__all__ = ["batch_size_of", "effective_sample_size", "log_joint_latents", "log_mean_exp", "log_prob_latents",
-           "log_weights", "normalized_weights", "sample_and_log_weights", "sample_keys", "sample_latents"]
+__all__ = ["batch_size_of", "effective_sample_size", "leave_one_out_logsumexp", "leave_one_out_mean",
+           "log_joint_latents", "log_mean_exp", "log_prob_latents", "log_weights", "normalized_weights",
+           "sample_and_log_weights", "sample_keys", "sample_latents"]
 
 
 def sample_keys(rng: jax.Array, batch_size: int, num_samples: int) -> jax.Array:
@@ -127,3 +128,42 @@ def log_mean_exp(log_weights: jax.Array, axis: int = -1) -> jax.Array:
     """``log (1/K sum_k exp(log w~_k))``: the IWAE bound of one set of K log-weights."""
     k = log_weights.shape[axis]
     return jax.nn.logsumexp(log_weights, axis=axis) - math.log(k)
+
+
+# --------------------------------------------------------------------------------------
+# Leave-one-out reductions (baselines that do not depend on z_k)
+# --------------------------------------------------------------------------------------
+
+
+def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
+    """``LSE_{-k} = log sum_{j != k} exp(log w~_j)`` for every k, along the last axis.
+
+    O(K) and stable for any spread of log-weights: every k except the arg-max subtracts
+    its own term from a sum that contains ``exp(0) = 1`` (the maximum), so there is no
+    catastrophic cancellation; the arg-max's value is a masked sum around the runner-up.
+    Requires K >= 2.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxelbo.log_weights import leave_one_out_logsumexp
+      >>> leave_one_out_logsumexp(jnp.log(jnp.array([1.0, 2.0, 3.0]))).round(4)
+      Array([1.6094, 1.3863, 1.0986], dtype=float32)
+    """
+    k = log_weights.shape[-1]
+    if k < 2:
+        raise ValueError("leave-one-out needs at least 2 samples")
+    top = jnp.argmax(log_weights, axis=-1, keepdims=True)
+    is_top = jnp.arange(k).reshape((1,) * (log_weights.ndim - 1) + (k,)) == top
+    m1 = jnp.max(log_weights, axis=-1, keepdims=True)
+    s1 = jnp.sum(jnp.exp(log_weights - m1), axis=-1, keepdims=True)
+    # the arg-max's slot of `rest` is unused; keep it finite so that gradients stay finite
+    rest = jnp.log(jnp.where(is_top, 1.0, s1 - jnp.exp(log_weights - m1))) + m1
+    others = jnp.where(is_top, -jnp.inf, log_weights)
+    lse_without_top = jax.nn.logsumexp(others, axis=-1, keepdims=True)
+    return jnp.where(is_top, lse_without_top, rest)
+
+
+def leave_one_out_mean(log_weights: jax.Array) -> jax.Array:
+    """``mean_{j != k} log w~_j`` for every k, along the last axis (K >= 2)."""
+    k = log_weights.shape[-1]
+    return (jnp.sum(log_weights, axis=-1, keepdims=True) - log_weights) / (k - 1)

@@ -23,6 +23,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,48 +32,168 @@ import jax.numpy as jnp
 from jaxelbo import estimators as est
 from jaxelbo import ovis, registry, wake_sleep
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
-from jaxelbo.log_weights import effective_sample_size, log_mean_exp
+from jaxelbo.log_weights import effective_sample_size, leave_one_out_logsumexp, log_mean_exp
 from jaxelbo.psis import psis_khat, psis_tail_size
-from jaxelbo.types import Guide, LossFn, Model, PyTree
+from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, PyTree
 
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; see `piwae`.
 
 
 # --------------------------------------------------------------------------------------
-# The shared factory
+# The one factory: any bound of one example's log-weights, every estimator
 # --------------------------------------------------------------------------------------
 
+PerExampleFn = Callable[[jax.Array], jax.Array]
 
-def _objective(name: str, model: Model, guide: Guide, *, estimator: str, sample_shape: tuple[int, ...],
-               bound_fn: est.BoundFn, dreg_ratio: est.RatioFn | None = None,
-               phi_ratio: est.RatioFn | None = None, signal_fn: dict | None = None,
-               direct_score: bool = True) -> LossFn:
+
+def _sample_shape(num_samples: int | tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(num_samples, tuple):
+        if not num_samples:
+            raise ValueError("num_samples must be an int K or a non-empty tuple such as (M, K), got ()")
+        return tuple(check_count("num_samples", n) for n in num_samples)
+    return (check_count("num_samples", num_samples),)
+
+
+def _check_custom_estimator(estimator: object, supported: tuple[str, ...]) -> None:
+    if not isinstance(estimator, str):
+        raise TypeError(f"estimator must be a string, got {estimator!r}; valid choices: {', '.join(est.ESTIMATORS)}")
+    if estimator not in est.ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid choices: {', '.join(est.ESTIMATORS)}")
+    if estimator not in supported:
+        raise ValueError(f"make_objective: estimator {estimator!r} needs a closed-form learning signal "
+                         f"(signals={{{estimator!r}: fn}}); valid choices here: {', '.join(supported)}")
+
+
+def _check_bound_fn(bound_fn: PerExampleFn, sample_shape: tuple[int, ...], dtype: Any) -> None:
+    try:
+        out = jax.eval_shape(bound_fn, jax.ShapeDtypeStruct(sample_shape, dtype))
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(f"bound_fn failed on one example's log-weights of shape {sample_shape} "
+                         f"({type(e).__name__}: {e})") from e
+    if not (hasattr(out, "shape") and out.shape == ()):
+        got = jax.tree_util.tree_map(lambda s: s.shape, out)
+        raise ValueError(f"bound_fn must map ONE example's log-weights, shape {sample_shape}, to a scalar; "
+                         f"got shape {got}")
+
+
+def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
+                   num_samples: int | tuple[int, ...], estimator: Estimator = "reparam",
+                   dreg_ratio: PerExampleFn | None = None,
+                   signals: Mapping[str, PerExampleFn] | None = None,
+                   phi_ratio: PerExampleFn | None = None, direct_score: bool = True,
+                   name: str | None = None) -> LossFn:
+    """The loss of any bound ``F`` of one example's log-weights, with any estimator.
+
+    ``bound_fn`` maps ONE example's log-weights ``log w~``, an array of shape
+    ``num_samples`` (``(K,)``, or ``(M, K)`` for ``num_samples=(M, K)``), to a scalar;
+    it must be differentiable. The loss is ``-mean_b F(log w~_b)`` and its gradient the
+    chosen estimator. With ``c = grad F`` (what ``theta`` receives on each
+    ``grad log p(x, z_k)``):
+
+    * ``reparam``: plain autodiff, ``phi`` gets ``sum_k c_k dlog w~_k / dphi``;
+    * ``stl``: ``log q`` at ``stop_gradient(phi)``, ``phi`` gets ``sum_k c_k g_k`` with the
+      path derivative ``g_k`` (Roeder et al. 2017); biased unless ``c`` is constant;
+    * ``dreg``: ``phi`` gets ``sum_k d_k g_k``,
+      :math:`d_k = c_k - \\partial c_k / \\partial \\log \\tilde w_k`
+      (Tucker et al. 2019, for any smooth ``F``), from the Hessian's diagonal by autodiff
+      (:func:`jaxelbo.estimators.dreg_weights`, O(N) ``jvp`` s of ``grad F`` per example),
+      or from ``dreg_ratio`` where given. One forward and one backward pass;
+    * ``score``: REINFORCE with the leave-one-out baseline ``F`` with ``log w~_k``
+      replaced by the mean of the others (:func:`jaxelbo.estimators.leave_one_out_signal`),
+      or ``signals["score"]``. ``z`` may be discrete.
+
+    Every input other than ``params["guide"]`` (the batch ``x``, arrays the model or the
+    guide close over) gets the plain derivative of the loss value, in reverse and forward
+    mode alike.
+
+    Args:
+      model, guide: the :class:`~jaxelbo.Model` and :class:`~jaxelbo.Guide`.
+      bound_fn: ``F``, one example's log-weights -> scalar.
+      num_samples: ``K``, or a tuple such as ``(M, K)`` (``prod`` draws per example).
+      estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score`` (``vimco`` or another
+        score-function signal only through ``signals``).
+      dreg_ratio: optional closed form of ``d / c`` for one example (cheaper than autodiff
+        for large N); where ``c_k`` is 0 a sample gives nothing to ``phi``.
+      signals: optional closed-form learning signals per score-function estimator, e.g.
+        ``{"vimco": jaxelbo.estimators.vimco_signal}``, each one example -> its shape.
+      phi_ratio: where ``phi`` ascends another bound than ``theta`` (PIWAE), the ratio of
+        ``phi``'s weights to ``c`` for ``reparam``/``stl``.
+      direct_score: ``False`` drops ``F``'s direct ``-c_k dlog q/dphi`` term from ``score``
+        (RWS's wake-phi update).
+      name: the objective's name (a registered name validates the estimator against
+        :data:`jaxelbo.OBJECTIVES`); default ``"custom"``.
+
+    Returns:
+      ``loss_fn(params, rng, x) -> (loss, aux)`` (a :class:`~jaxelbo.types.LossFn`),
+      pure and ``jit``-able; ``aux`` is a :class:`~jaxelbo.types.Aux` dict: ``bound``
+      ``(B,)``, ``log_weights`` ``(B, *num_samples)``, ``ess`` ``(B,)`` and, with >= 25
+      samples, ``khat`` ``(B,)``, all without gradients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> def iwae_bound(lw):          # one example's K log-weights -> a scalar
+      ...     return jax.nn.logsumexp(lw) - jnp.log(lw.shape[0])
+      >>> mine = je.make_objective(lg.model(), lg.guide(), iwae_bound, num_samples=8, estimator="dreg")
+      >>> ref = je.iwae(lg.model(), lg.guide(), num_samples=8, estimator="dreg")
+      >>> params, x, rng = lg.optimal_params(jnp.zeros(2)), jnp.ones((3, 2)), jax.random.key(0)
+      >>> bool(jnp.allclose(mine(params, rng, x)[0], ref(params, rng, x)[0]))
+      True
+
+    References:
+      Tucker, Lawson, Gu & Maddison (2019). Doubly reparameterized gradient estimators for
+      Monte Carlo objectives. ICLR. arXiv:1810.04152.
+      Mnih & Rezende (2016). Variational inference for Monte Carlo objectives. ICML.
+      arXiv:1602.06725.
+    """
     check_model_guide(model, guide)
-    registry.check_estimator(name, estimator)
+    if not callable(bound_fn):
+        raise TypeError(f"bound_fn must be a function of one example's log-weights, got {bound_fn!r}")
+    sample_shape = _sample_shape(num_samples)
+    signals = dict(signals or {})
+    if name is not None and name in registry.names():
+        registry.check_estimator(name, estimator)
+    else:
+        supported = tuple(e for e in est.ESTIMATORS if e in est.PATHWISE or e == "score" or e in signals)
+        _check_custom_estimator(estimator, supported)
+    label = name or "custom"
+    _check_bound_fn(bound_fn, sample_shape, jnp.float32)
+    batched_bound = jax.vmap(bound_fn)
 
-    def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
+    def batched(fn: PerExampleFn | None) -> est.RatioFn | None:
+        return None if fn is None else jax.vmap(fn)
+
+    if dreg_ratio is None:
+        def dreg_ratio(lw: jax.Array) -> jax.Array:
+            return est.dreg_ratio_from_weights(*est.dreg_weights(bound_fn, lw))
+
+    if estimator not in est.PATHWISE:
+        signal = signals.get(estimator)
+        if signal is None:
+            def signal(lw: jax.Array) -> jax.Array:
+                return est.leave_one_out_signal(bound_fn, lw)
+
+    def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, Aux]:
         check_inputs(model, guide, params, rng, x)
         if estimator in est.PATHWISE:
             surrogate, log_w = est.pathwise_surrogate(
-                model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=bound_fn,
-                estimator=estimator, dreg_ratio=dreg_ratio, phi_ratio=phi_ratio)
+                model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound,
+                estimator=estimator, dreg_ratio=batched(dreg_ratio), phi_ratio=batched(phi_ratio))
         else:
-            if signal_fn is None:
-                raise ValueError(f"{name} has no score-function estimator (got {estimator!r})")
             surrogate, log_w = est.score_surrogate(
-                model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=bound_fn,
-                signal_fn=signal_fn[estimator], direct=direct_score)
+                model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound,
+                signal_fn=jax.vmap(signal), direct=direct_score)
         log_w = jax.lax.stop_gradient(log_w)
         ess = effective_sample_size(log_w, axis=-1)
-        aux = {"bound": jax.lax.stop_gradient(surrogate), "log_weights": log_w,
-               "ess": ess.reshape(ess.shape[0], -1).mean(axis=-1)}
+        aux: Aux = {"bound": jax.lax.stop_gradient(surrogate), "log_weights": log_w,
+                    "ess": ess.reshape(ess.shape[0], -1).mean(axis=-1)}
         flat = log_w.reshape(log_w.shape[0], -1)
         if psis_tail_size(flat.shape[-1]) >= 5:  # PSIS fits a tail of at least 5 weights
             aux["khat"] = psis_khat(flat)
         return -jnp.mean(surrogate), aux
 
-    loss_fn.__name__ = f"{name}_{estimator}_loss"
-    loss_fn.__doc__ = f"-mean {name} bound; gradient: {estimator} estimator. Returns (loss, aux)."
+    loss_fn.__name__ = f"{label}_{estimator}_loss"
+    loss_fn.__doc__ = f"-mean {label} bound; gradient: {estimator} estimator. Returns (loss, aux)."
     return loss_fn
 
 
@@ -84,7 +206,7 @@ def _softmax(log_w: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "reparam") -> LossFn:
+def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: Estimator = "reparam") -> LossFn:
     """The K-sample ELBO, ``mean_k log w~_k`` (Kingma & Welling 2014, arXiv:1312.6114).
 
     .. math:: \\mathcal{L}_K = \\frac{1}{K} \\sum_k \\log \\frac{p_\\theta(x, z_k)}{q_\\phi(z_k|x)}
@@ -115,12 +237,11 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
       (3, 4)
     """
     k = check_count("num_samples", num_samples)
-    return _objective("elbo", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=lambda lw: jnp.mean(lw, axis=-1),
-                      signal_fn={"score": est.elbo_score_signal})
+    return make_objective(model, guide, jnp.mean, num_samples=k, estimator=estimator,
+                          signals={"score": est.elbo_score_signal}, name="elbo")
 
 
-def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam",
+def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "reparam",
          gamma: float | None = None, num_auxiliary: int | None = None) -> LossFn:
     """The importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, arXiv:1509.00519).
 
@@ -172,14 +293,13 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
         s = k if num_auxiliary is None else check_count("num_auxiliary", num_auxiliary)
         return ovis.ovis_mc_loss(model, guide, num_samples=k, num_auxiliary=s)
     g = ovis.DEFAULT_GAMMA if gamma is None else check_real("gamma", gamma)
-    return _objective("iwae", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=log_mean_exp, dreg_ratio=_softmax,
-                      signal_fn={"score": est.iwae_score_signal, "vimco": est.vimco_signal,
-                                 "ovis": lambda lw: ovis.ovis_asymptotic_signal(lw, g)})
+    return make_objective(model, guide, log_mean_exp, num_samples=k, estimator=estimator, dreg_ratio=_softmax,
+                          signals={"score": est.iwae_score_signal, "vimco": est.vimco_signal,
+                                   "ovis": lambda lw: ovis.ovis_asymptotic_signal(lw, g)}, name="iwae")
 
 
 def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: str = "reparam") -> LossFn:
+          estimator: Estimator = "reparam") -> LossFn:
     """Mean of M independent IWAE_K bounds (Rainforth et al. 2018, arXiv:1802.04537).
 
     .. math:: \\mathcal{L}_{M,K} = \\frac{1}{M} \\sum_m \\log \\frac{1}{K} \\sum_k \\tilde w_{m,k}
@@ -204,13 +324,12 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     """
     m = check_count("num_outer", num_outer)
     k = check_count("num_inner", num_inner)
-    return _objective("miwae", model, guide, estimator=estimator, sample_shape=(m, k),
-                      bound_fn=lambda lw: jnp.mean(log_mean_exp(lw), axis=-1),
-                      dreg_ratio=_softmax)
+    return make_objective(model, guide, lambda lw: jnp.mean(log_mean_exp(lw), axis=-1), num_samples=(m, k),
+                          estimator=estimator, dreg_ratio=_softmax, name="miwae")
 
 
 def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
-          estimator: str = "reparam") -> LossFn:
+          estimator: Estimator = "reparam") -> LossFn:
     """Convex combination ``beta * ELBO_K + (1 - beta) * IWAE_K`` (Rainforth et al. 2018).
 
     The weights of sample k are ``c_k = beta/K + (1 - beta) w_k``; ``dreg`` applies only to
@@ -245,12 +364,12 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
             return w
         return (beta / k + (1.0 - beta) * w * w) / (beta / k + (1.0 - beta) * w)
 
-    return _objective("ciwae", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=bound_fn, dreg_ratio=dreg_ratio)
+    return make_objective(model, guide, bound_fn, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
+                          name="ciwae")
 
 
 def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: str = "reparam") -> LossFn:
+          estimator: Estimator = "reparam") -> LossFn:
     """Partially importance-weighted auto-encoder (Rainforth et al. 2018, arXiv:1802.04537).
 
     ``theta`` is trained on IWAE_{MK} over all ``M*K`` samples (weights
@@ -295,13 +414,12 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
         log_r, lse_m = log_group_share(lw)
         return jnp.exp(jnp.minimum(log_r + lw - lse_m, _MAX_LOG_RATIO))
 
-    return _objective("piwae", model, guide, estimator=estimator, sample_shape=(m, k),
-                      bound_fn=lambda lw: log_mean_exp(lw.reshape(lw.shape[0], -1)),
-                      phi_ratio=phi_ratio, dreg_ratio=dreg_ratio)
+    return make_objective(model, guide, lambda lw: log_mean_exp(lw.reshape(-1)), num_samples=(m, k),
+                          estimator=estimator, phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae")
 
 
 def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
-          estimator: str = "reparam") -> LossFn:
+          estimator: Estimator = "reparam") -> LossFn:
     """The variational Renyi bound (Li & Turner 2016, arXiv:1602.02311).
 
     .. math:: \\mathcal{L}_\\alpha = \\frac{1}{1-\\alpha}
@@ -338,11 +456,11 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
     def dreg_ratio(lw):
         return alpha + (1.0 - alpha) * _softmax((1.0 - alpha) * lw)
 
-    return _objective("renyi", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=bound_fn, dreg_ratio=dreg_ratio)
+    return make_objective(model, guide, bound_fn, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
+                          name="renyi")
 
 
-def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg",
+def rws(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "dreg",
         alpha: float = 1.0, insomnia: float = 1.0, num_sleep_samples: int | None = None,
         defensive: float = 0.0) -> LossFn:
     """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751) and DReG(alpha).
@@ -436,9 +554,10 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
         registry.check_estimator("rws", estimator)
         wake = wake_sleep.defensive_wake_loss(model, guide, num_samples=k, defensive=defensive, insomnia=insomnia)
     else:
-        wake = _objective("rws", model, guide, estimator=estimator, sample_shape=(k,), bound_fn=log_mean_exp,
-                          dreg_ratio=lambda lw: insomnia * (alpha + (1.0 - 2.0 * alpha) * _softmax(lw)),
-                          signal_fn={"score": lambda lw: insomnia * _softmax(lw)}, direct_score=False)
+        wake = make_objective(model, guide, log_mean_exp, num_samples=k, estimator=estimator,
+                              dreg_ratio=lambda lw: insomnia * (alpha + (1.0 - 2.0 * alpha) * _softmax(lw)),
+                              signals={"score": lambda lw: insomnia * _softmax(lw)}, direct_score=False,
+                              name="rws")
     if insomnia == 1.0:
         return wake
 
@@ -458,11 +577,11 @@ def jvi_bound(log_weights: jax.Array) -> jax.Array:
 
     Computed as ``IWAE_K + (K - 1) mean_i (LSE - LSE_{-i} - log(K / (K - 1)))`` (no
     cancellation between two large multiples); ``LSE_{-i}`` from
-    :func:`jaxelbo.estimators.leave_one_out_logsumexp`. Needs K >= 2.
+    :func:`jaxelbo.log_weights.leave_one_out_logsumexp`. Needs K >= 2.
     """
     k = log_weights.shape[-1]
     lse = jax.nn.logsumexp(log_weights, axis=-1, keepdims=True)
-    gaps = lse - est.leave_one_out_logsumexp(log_weights) - math.log(k / (k - 1))
+    gaps = lse - leave_one_out_logsumexp(log_weights) - math.log(k / (k - 1))
     return lse[..., 0] - math.log(k) + (k - 1) * jnp.mean(gaps, axis=-1)
 
 
@@ -483,14 +602,14 @@ def jvi_weights(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     k = log_weights.shape[-1]
     lw = log_weights - jnp.max(log_weights, axis=-1, keepdims=True)
-    loo = est.leave_one_out_logsumexp(lw)                                  # LSE_{-i}
+    loo = leave_one_out_logsumexp(lw)                                  # LSE_{-i}
     w = _softmax(lw)
-    c = k * w - (k - 1) / k * jnp.exp(lw + est.leave_one_out_logsumexp(-loo))
-    d = k * w * w - (k - 1) / k * jnp.exp(2.0 * lw + est.leave_one_out_logsumexp(-2.0 * loo))
+    c = k * w - (k - 1) / k * jnp.exp(lw + leave_one_out_logsumexp(-loo))
+    d = k * w * w - (k - 1) / k * jnp.exp(2.0 * lw + leave_one_out_logsumexp(-2.0 * loo))
     return c, d
 
 
-def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam") -> LossFn:
+def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "reparam") -> LossFn:
     """Jackknife variational inference (Nowozin 2018), first order.
 
     .. math:: \\mathcal{J}_K = K \\mathcal{L}_K - \\frac{K-1}{K} \\sum_{i=1}^K
@@ -542,12 +661,10 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repar
 
     def dreg_ratio(lw):
         c = jax.grad(lambda v: jnp.sum(jvi_bound(v)))(lw)
-        _, d = jvi_weights(lw)
-        safe = jnp.abs(c) > 1e8 * jnp.finfo(c.dtype).tiny
-        return jnp.where(safe, d / jnp.where(safe, c, 1.0), 0.0)
+        return est.dreg_ratio_from_weights(c, jvi_weights(lw)[1])
 
-    return _objective("jvi", model, guide, estimator=estimator, sample_shape=(k,),
-                      bound_fn=jvi_bound, dreg_ratio=dreg_ratio)
+    return make_objective(model, guide, jvi_bound, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
+                          name="jvi")
 
 
 # --------------------------------------------------------------------------------------

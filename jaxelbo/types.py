@@ -10,15 +10,44 @@ as ``params = {"model": theta, "guide": phi}``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, NotRequired, Protocol, TypedDict
 
 import jax
 
 PyTree = Any
 Params = dict  # {"model": theta, "guide": phi}
-#: What every objective returns: ``(params, rng, x) -> (loss, aux)``; ``jax.grad`` of the
-#: loss is the gradient estimator and ``aux`` a dict (``bound``, ``log_weights``, ``ess``).
-LossFn = Callable[[Params, jax.Array, PyTree], tuple[jax.Array, Any]]
+
+#: The gradient estimators (see :mod:`jaxelbo.estimators`).
+Estimator = Literal["reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc"]
+
+
+class Aux(TypedDict):
+    """What every loss returns beside its value; a plain ``dict`` at run time, without gradients.
+
+    Attributes:
+      bound: ``(B,)``, the bound of each example (its value whatever the estimator).
+      log_weights: ``(B, *num_samples)``: ``(B, K)``, or ``(B, M, K)`` for nested budgets
+        (``miwae``, ``piwae``, a ``make_objective`` with ``num_samples=(M, K)``).
+      ess: ``(B,)``, Kish's effective sample size of each example's weights (the mean over
+        the M groups of a nested budget).
+      khat: ``(B,)``, the PSIS k-hat of each example's weights (:func:`jaxelbo.psis_khat`);
+        present only with at least 25 samples per example.
+    """
+
+    bound: jax.Array
+    log_weights: jax.Array
+    ess: jax.Array
+    khat: NotRequired[jax.Array]
+
+
+class LossFn(Protocol):
+    """What every objective returns: ``(params, rng, x) -> (loss, aux)``.
+
+    ``loss`` is the scalar ``-mean_b bound_b`` and ``jax.grad`` of it the chosen
+    estimator; ``aux`` is an :class:`Aux` dict.
+    """
+
+    def __call__(self, params: Params, rng: jax.Array, x: PyTree, /) -> tuple[jax.Array, Aux]: ...
 
 
 class Model(NamedTuple):

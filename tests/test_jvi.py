@@ -177,8 +177,8 @@ def _jvi_with_phi_ratio(k, ratio):
     def dreg_ratio(lw):
         return ratio(lw, jax.grad(lambda v: jnp.sum(objectives.jvi_bound(v)))(lw))
 
-    return objectives._objective("jvi", MODEL, GUIDE, estimator="dreg", sample_shape=(k,),
-                                 bound_fn=objectives.jvi_bound, dreg_ratio=dreg_ratio)
+    return je.make_objective(MODEL, GUIDE, objectives.jvi_bound, num_samples=k, estimator="dreg",
+                             dreg_ratio=dreg_ratio, name="jvi")
 
 
 @pytest.mark.slow

@@ -77,7 +77,8 @@ __all__ = ["ESTIMATORS", "PATHWISE", "SCORE_FUNCTION", "check_continuous_latents
            "leave_one_out_mean", "leave_one_out_signal", "pathwise_surrogate", "score_surrogate",
            "vimco_signal"]
 
-ESTIMATORS: tuple[Estimator, ...] = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")  # ovis: jaxelbo.ovis
+#: ``ovis`` / ``ovis-mc``: :mod:`jaxelbo.ovis`
+ESTIMATORS: tuple[Estimator, ...] = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")
 PATHWISE: tuple[Estimator, ...] = ("reparam", "stl", "dreg")
 SCORE_FUNCTION: tuple[Estimator, ...] = ("score", "vimco")
 

@@ -146,8 +146,9 @@ def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxelbo.log_weights import leave_one_out_logsumexp
-      >>> leave_one_out_logsumexp(jnp.log(jnp.array([1.0, 2.0, 3.0]))).round(4)
-      Array([1.6094, 1.3863, 1.0986], dtype=float32)
+      >>> lse = leave_one_out_logsumexp(jnp.log(jnp.array([1.0, 2.0, 3.0])))
+      >>> bool(jnp.allclose(lse, jnp.log(jnp.array([5.0, 4.0, 3.0]))))
+      True
     """
     k = log_weights.shape[-1]
     if k < 2:

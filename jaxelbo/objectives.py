@@ -67,7 +67,7 @@ def _check_custom_estimator(estimator: object, supported: tuple[str, ...]) -> No
 def _check_bound_fn(bound_fn: PerExampleFn, sample_shape: tuple[int, ...], dtype: Any) -> None:
     try:
         out = jax.eval_shape(bound_fn, jax.ShapeDtypeStruct(sample_shape, dtype))
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    except Exception as e:
         raise ValueError(f"bound_fn failed on one example's log-weights of shape {sample_shape} "
                          f"({type(e).__name__}: {e})") from e
     if not (hasattr(out, "shape") and out.shape == ()):
@@ -167,11 +167,10 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
         def dreg_ratio(lw: jax.Array) -> jax.Array:
             return est.dreg_ratio_from_weights(*est.dreg_weights(bound_fn, lw))
 
-    if estimator not in est.PATHWISE:
-        signal = signals.get(estimator)
-        if signal is None:
-            def signal(lw: jax.Array) -> jax.Array:
-                return est.leave_one_out_signal(bound_fn, lw)
+    def generic_signal(lw: jax.Array) -> jax.Array:
+        return est.leave_one_out_signal(bound_fn, lw)
+
+    signal = signals.get(estimator, generic_signal)
 
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, Aux]:
         check_inputs(model, guide, params, rng, x)

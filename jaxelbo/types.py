@@ -10,18 +10,24 @@ as ``params = {"model": theta, "guide": phi}``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, NotRequired, Protocol, TypedDict
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 
 import jax
 
 PyTree = Any
 Params = dict  # {"model": theta, "guide": phi}
 
-#: The gradient estimators (see :mod:`jaxelbo.estimators`).
 Estimator = Literal["reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc"]
+"""The name of a gradient estimator (see :mod:`jaxelbo.estimators` and :data:`jaxelbo.ESTIMATORS`)."""
 
 
-class Aux(TypedDict):
+class _AuxRequired(TypedDict):
+    bound: jax.Array
+    log_weights: jax.Array
+    ess: jax.Array
+
+
+class Aux(_AuxRequired, total=False):
     """What every loss returns beside its value; a plain ``dict`` at run time, without gradients.
 
     Attributes:
@@ -34,20 +40,18 @@ class Aux(TypedDict):
         present only with at least 25 samples per example.
     """
 
-    bound: jax.Array
-    log_weights: jax.Array
-    ess: jax.Array
-    khat: NotRequired[jax.Array]
+    khat: jax.Array
 
 
 class LossFn(Protocol):
     """What every objective returns: ``(params, rng, x) -> (loss, aux)``.
 
     ``loss`` is the scalar ``-mean_b bound_b`` and ``jax.grad`` of it the chosen
-    estimator; ``aux`` is an :class:`Aux` dict.
+    estimator; ``aux`` is a dict with (at least) the keys of :class:`Aux`. (Typed ``Any``
+    here so that losses annotated with a plain ``dict`` conform too.)
     """
 
-    def __call__(self, params: Params, rng: jax.Array, x: PyTree, /) -> tuple[jax.Array, Aux]: ...
+    def __call__(self, params: Params, rng: jax.Array, x: PyTree, /) -> tuple[jax.Array, Any]: ...
 
 
 class Model(NamedTuple):

@@ -20,7 +20,7 @@ import jax
 
 from jaxelbo._validation import check_count, check_model_guide, check_real
 from jaxelbo.objectives import renyi
-from jaxelbo.types import Estimator, Guide, LossFn, Model, PyTree
+from jaxelbo.types import Guide, LossFn, Model, PyTree
 
 __all__ = ["CUBO_ESTIMATORS", "cubo"]
 
@@ -29,7 +29,7 @@ CUBO_ESTIMATORS = ("reparam", "dreg")
 
 
 def cubo(model: Model, guide: Guide, *, num_samples: int, n: float = 2.0,
-         estimator: Estimator = "reparam") -> LossFn:
+         estimator: str = "reparam") -> LossFn:
     r"""The chi upper bound ``CUBO_n`` (Dieng et al. 2017, arXiv:1611.00328), to be minimised.
 
     .. math:: \widehat{\mathrm{CUBO}}_n = \frac1n \log \frac1K \sum_k \tilde w_k^{\,n},

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,11 @@ _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; see `piwae`.
 # --------------------------------------------------------------------------------------
 
 PerExampleFn = Callable[[jax.Array], jax.Array]
+
+
+def _as_estimator(estimator: str) -> Estimator:
+    """A built-in's ``estimator`` (any string; :func:`make_objective` validates it) as the Literal type."""
+    return cast(Estimator, estimator)
 
 
 def _sample_shape(num_samples: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -205,7 +210,7 @@ def _softmax(log_w: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: Estimator = "reparam") -> LossFn:
+def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "reparam") -> LossFn:
     """The K-sample ELBO, ``mean_k log w~_k`` (Kingma & Welling 2014, arXiv:1312.6114).
 
     .. math:: \\mathcal{L}_K = \\frac{1}{K} \\sum_k \\log \\frac{p_\\theta(x, z_k)}{q_\\phi(z_k|x)}
@@ -236,11 +241,11 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: Estimat
       (3, 4)
     """
     k = check_count("num_samples", num_samples)
-    return make_objective(model, guide, jnp.mean, num_samples=k, estimator=estimator,
+    return make_objective(model, guide, jnp.mean, num_samples=k, estimator=_as_estimator(estimator),
                           signals={"score": est.elbo_score_signal}, name="elbo")
 
 
-def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "reparam",
+def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam",
          gamma: float | None = None, num_auxiliary: int | None = None) -> LossFn:
     """The importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, arXiv:1509.00519).
 
@@ -292,13 +297,14 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator =
         s = k if num_auxiliary is None else check_count("num_auxiliary", num_auxiliary)
         return ovis.ovis_mc_loss(model, guide, num_samples=k, num_auxiliary=s)
     g = ovis.DEFAULT_GAMMA if gamma is None else check_real("gamma", gamma)
-    return make_objective(model, guide, log_mean_exp, num_samples=k, estimator=estimator, dreg_ratio=_softmax,
+    return make_objective(model, guide, log_mean_exp, num_samples=k, estimator=_as_estimator(estimator),
+                          dreg_ratio=_softmax, name="iwae",
                           signals={"score": est.iwae_score_signal, "vimco": est.vimco_signal,
-                                   "ovis": lambda lw: ovis.ovis_asymptotic_signal(lw, g)}, name="iwae")
+                                   "ovis": lambda lw: ovis.ovis_asymptotic_signal(lw, g)})
 
 
 def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: Estimator = "reparam") -> LossFn:
+          estimator: str = "reparam") -> LossFn:
     """Mean of M independent IWAE_K bounds (Rainforth et al. 2018, arXiv:1802.04537).
 
     .. math:: \\mathcal{L}_{M,K} = \\frac{1}{M} \\sum_m \\log \\frac{1}{K} \\sum_k \\tilde w_{m,k}
@@ -324,11 +330,11 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     m = check_count("num_outer", num_outer)
     k = check_count("num_inner", num_inner)
     return make_objective(model, guide, lambda lw: jnp.mean(log_mean_exp(lw), axis=-1), num_samples=(m, k),
-                          estimator=estimator, dreg_ratio=_softmax, name="miwae")
+                          estimator=_as_estimator(estimator), dreg_ratio=_softmax, name="miwae")
 
 
 def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
-          estimator: Estimator = "reparam") -> LossFn:
+          estimator: str = "reparam") -> LossFn:
     """Convex combination ``beta * ELBO_K + (1 - beta) * IWAE_K`` (Rainforth et al. 2018).
 
     The weights of sample k are ``c_k = beta/K + (1 - beta) w_k``; ``dreg`` applies only to
@@ -363,12 +369,12 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
             return w
         return (beta / k + (1.0 - beta) * w * w) / (beta / k + (1.0 - beta) * w)
 
-    return make_objective(model, guide, bound_fn, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
-                          name="ciwae")
+    return make_objective(model, guide, bound_fn, num_samples=k, estimator=_as_estimator(estimator),
+                          dreg_ratio=dreg_ratio, name="ciwae")
 
 
 def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: Estimator = "reparam") -> LossFn:
+          estimator: str = "reparam") -> LossFn:
     """Partially importance-weighted auto-encoder (Rainforth et al. 2018, arXiv:1802.04537).
 
     ``theta`` is trained on IWAE_{MK} over all ``M*K`` samples (weights
@@ -414,11 +420,11 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
         return jnp.exp(jnp.minimum(log_r + lw - lse_m, _MAX_LOG_RATIO))
 
     return make_objective(model, guide, lambda lw: log_mean_exp(lw.reshape(-1)), num_samples=(m, k),
-                          estimator=estimator, phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae")
+                          estimator=_as_estimator(estimator), phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae")
 
 
 def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
-          estimator: Estimator = "reparam") -> LossFn:
+          estimator: str = "reparam") -> LossFn:
     """The variational Renyi bound (Li & Turner 2016, arXiv:1602.02311).
 
     .. math:: \\mathcal{L}_\\alpha = \\frac{1}{1-\\alpha}
@@ -455,11 +461,11 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
     def dreg_ratio(lw):
         return alpha + (1.0 - alpha) * _softmax((1.0 - alpha) * lw)
 
-    return make_objective(model, guide, bound_fn, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
-                          name="renyi")
+    return make_objective(model, guide, bound_fn, num_samples=k, estimator=_as_estimator(estimator),
+                          dreg_ratio=dreg_ratio, name="renyi")
 
 
-def rws(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "dreg",
+def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg",
         alpha: float = 1.0, insomnia: float = 1.0, num_sleep_samples: int | None = None,
         defensive: float = 0.0) -> LossFn:
     """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751) and DReG(alpha).
@@ -553,7 +559,7 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = 
         registry.check_estimator("rws", estimator)
         wake = wake_sleep.defensive_wake_loss(model, guide, num_samples=k, defensive=defensive, insomnia=insomnia)
     else:
-        wake = make_objective(model, guide, log_mean_exp, num_samples=k, estimator=estimator,
+        wake = make_objective(model, guide, log_mean_exp, num_samples=k, estimator=_as_estimator(estimator),
                               dreg_ratio=lambda lw: insomnia * (alpha + (1.0 - 2.0 * alpha) * _softmax(lw)),
                               signals={"score": lambda lw: insomnia * _softmax(lw)}, direct_score=False,
                               name="rws")
@@ -608,7 +614,7 @@ def jvi_weights(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     return c, d
 
 
-def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = "reparam") -> LossFn:
+def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam") -> LossFn:
     """Jackknife variational inference (Nowozin 2018), first order.
 
     .. math:: \\mathcal{J}_K = K \\mathcal{L}_K - \\frac{K-1}{K} \\sum_{i=1}^K
@@ -662,8 +668,8 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: Estimator = 
         c = jax.grad(lambda v: jnp.sum(jvi_bound(v)))(lw)
         return est.dreg_ratio_from_weights(c, jvi_weights(lw)[1])
 
-    return make_objective(model, guide, jvi_bound, num_samples=k, estimator=estimator, dreg_ratio=dreg_ratio,
-                          name="jvi")
+    return make_objective(model, guide, jvi_bound, num_samples=k, estimator=_as_estimator(estimator),
+                          dreg_ratio=dreg_ratio, name="jvi")
 
 
 # --------------------------------------------------------------------------------------

@@ -70,7 +70,12 @@ def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, nu
     sample standard deviation over the R replicates with ``ddof`` (default 1, as
     :class:`jaxelbo.snr.Moments`, so this equals the SNR of :func:`jaxelbo.snr.gradient_moments`
     on the same keys); :func:`jaxelbo.snr.gradient_moments` streams it for large R.
+    ``num_replicates`` must exceed ``ddof`` (a standard deviation needs that many).
     """
+    num_replicates = check_count("num_replicates", num_replicates)
+    if num_replicates <= ddof:
+        raise ValueError(f"gradient_snr needs num_replicates > ddof ({ddof}) to estimate a standard deviation, "
+                         f"got num_replicates={num_replicates}; use at least {ddof + 1}")
     reps = gradient_replicates(loss_fn, params, rng, x, num_replicates=num_replicates, chunk_size=chunk_size)
     return snr_from_replicates(reps, ddof=ddof)
 

@@ -283,3 +283,10 @@ def test_write_your_own_bound_page_runs():
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert len(blocks) == 2
     exec(compile("\n".join(blocks), str(page), "exec"), {})  # the page's own example
+
+
+def test_gradient_snr_with_one_replicate_is_refused():
+    """Issue 23, fault 14: one replicate has no standard deviation (it gave NaN/inf silently)."""
+    f = je.iwae(MODEL, GUIDE, num_samples=2)
+    with pytest.raises(ValueError, match="num_replicates > ddof"):
+        je.gradient_snr(f, PARAMS, RNG, X, num_replicates=1)

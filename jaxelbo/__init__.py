@@ -24,6 +24,7 @@ from jaxelbo.gaps import InferenceGaps, amortisation_gap
 from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
 from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, make_objective, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
+from jaxelbo.smc import Proposal, StateSpaceModel, smc_bound
 from jaxelbo.thermodynamic import tvo
 from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, log_joint
 
@@ -49,6 +50,8 @@ __all__ = [
     "ais_schedule",
     "amortisation_gap",
     "bdmc",
+    "Proposal",
+    "StateSpaceModel",
     "ciwae",
     "cubo",
     "effective_sample_size",
@@ -72,5 +75,6 @@ __all__ = [
     "renyi",
     "reverse_ais_log_likelihood",
     "rws",
+    "smc_bound",
     "tvo",
 ]

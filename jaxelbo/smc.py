@@ -236,7 +236,7 @@ def smc_trace(model: StateSpaceModel, proposal: Proposal, theta: PyTree, phi: Py
             elif resample_when == "never":
                 do = jnp.zeros((), bool)
             else:
-                do = valid & (_ess(jax.lax.stop_gradient(log_w)) < float(resample_when) * k)  # type: ignore[arg-type]
+                do = valid & (_ess(jax.lax.stop_gradient(log_w)) < float(resample_when) * k)
             anc = resample(jax.random.fold_in(rng_r, t), log_w, resampling)
         else:
             do, anc = replay_t
@@ -343,7 +343,7 @@ def smc_bound(model: StateSpaceModel, proposal: Proposal, *, num_particles: int,
         keys = jax.random.split(rng, x.shape[0])
 
         def one(key, xb, length):
-            return smc_trace(model, proposal, theta, phi, key, xb, length, **config)  # type: ignore[arg-type]
+            return smc_trace(model, proposal, theta, phi, key, xb, length, **config)
 
         trace = jax.vmap(one)(keys, x, lens)
         bound = trace.log_z
@@ -354,7 +354,7 @@ def smc_bound(model: StateSpaceModel, proposal: Proposal, *, num_particles: int,
 
             def replayed(key, xb, length, done, anc):
                 return smc_trace(model, proposal, theta, phi, key, xb, length, replay=(done, anc),
-                                 **config).log_prob_ancestors  # type: ignore[arg-type]
+                                 **config).log_prob_ancestors
 
             lp = jax.vmap(replayed)(keys, x_const, lens, *replay)
             inc = jax.lax.stop_gradient(trace.increments)

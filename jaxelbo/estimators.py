@@ -412,7 +412,24 @@ def _latents_without_derivative(guide: Guide, phi: PyTree, keys: jax.Array, x: P
         if any(v in needed for v in eqn.outvars):
             needed.update(v for v in eqn.invars if not hasattr(v, "val"))
     cotangent_vars = jaxpr.invars[len(phi_leaves):]
-    return [path for path, var in zip(z_paths, cotangent_vars, strict=True) if var not in needed]
+    depends = _depends_on_phi(guide, phi, keys, x)
+    return [path for path, var, dep in zip(z_paths, cotangent_vars, depends, strict=True)
+            if dep and var not in needed]
+
+
+def _depends_on_phi(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree) -> list[bool]:
+    """Per leaf of ``z``: does its value depend on ``phi`` at all (forward data dependence)?
+
+    A leaf that does not (a local guide without parameters, fixed given ``x``) has a zero
+    pathwise derivative by right, and is not reported by :func:`_latents_without_derivative`.
+    Conservative in the same way: an operation depends on every one of its inputs.
+    """
+    jaxpr = jax.make_jaxpr(lambda p: sample_latents(guide, p, keys, x))(phi).jaxpr
+    reached = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(not hasattr(v, "val") and v in reached for v in eqn.invars):
+            reached.update(eqn.outvars)
+    return [not hasattr(v, "val") and v in reached for v in jaxpr.outvars]
 
 
 # --------------------------------------------------------------------------------------

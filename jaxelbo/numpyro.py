@@ -616,7 +616,7 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
     (``dreg``, ``reparam``, ``stl``, or ``score`` / ``vimco`` for discrete locals); the
     global draw ``beta = t(eps, phi)`` is reparameterised and its gradient is the plain
     autodiff one: the local bound's value differentiated through ``beta`` with the
-    parameters held (one more forward pass of the local bound, on the same samples).
+    parameters held (the loss's x-gradient, plain autodiff for every estimator).
 
     Args:
       model_fn, guide_fn: a NumPyro model and guide written for the whole data set, as
@@ -691,7 +691,6 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
                                         data_plate=data_plate)
     guide_transforms = _param_transforms(guide_trace)
     local = iwae(model, guide, num_samples=num_samples, estimator=estimator)
-    path = iwae(model, guide, num_samples=num_samples, estimator="reparam")
     num_data_args = sum(_is_data(a, size) for a in args)
 
     def sample_globals(phi: dict, key: jax.Array) -> tuple[dict, jax.Array]:
@@ -706,11 +705,9 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
         def one_draw(key_global, key_local):
             beta, log_q = sample_globals(params["guide"], key_global)
             beta_rows = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (batch, *jnp.shape(a))), beta)
-            loss, aux = local(params, key_local, (*rows, jax.lax.stop_gradient(beta_rows)))
-            # beta's path: the local bound's value differentiated through beta, parameters held
-            # (the rerouting estimators do not pass a gradient to their x)
-            through_beta = path(jax.lax.stop_gradient(params), key_local, (*rows, beta_rows))[0]
-            loss = loss + through_beta - jax.lax.stop_gradient(through_beta)
+            # beta enters the local bound through its x, whose gradient is plain autodiff for every
+            # estimator: beta's path derivative of the local bound, parameters held
+            loss, aux = local(params, key_local, (*rows, beta_rows))
             return loss + log_q / size, aux["bound"] - log_q / size, aux["log_weights"]
 
         keys = (jax.random.split(rng_global, num_global_samples), jax.random.split(rng_local, num_global_samples))

@@ -47,6 +47,20 @@ def normal_logpdf(v, mean, log_var):
 # --------------------------------------------------------------------------------------
 
 
+def gaussian_proposal(moments) -> je.Proposal:
+    """A Gaussian proposal ``N(mean, exp(log_var))`` from ``moments(phi, t, z_prev, x) -> (mean, log_var)``."""
+
+    def sample(phi, rng, t, z_prev, x):
+        mean, log_var = moments(phi, t, z_prev, x)
+        return mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, jnp.shape(mean))
+
+    def log_prob(phi, t, z_prev, x, z):
+        mean, log_var = moments(phi, t, z_prev, x)
+        return normal_logpdf(z, mean, log_var)
+
+    return je.Proposal(sample=sample, log_prob=log_prob)
+
+
 def nile() -> np.ndarray:
     from statsmodels.datasets import nile as nile_data
 
@@ -99,15 +113,7 @@ def lookahead_proposal(prior_mean) -> je.Proposal:
         log_s = jnp.where(t == 0, phi["log_s0"], phi["log_s"])
         return mean, 2.0 * log_s
 
-    def sample(phi, rng, t, z_prev, x):
-        mean, log_var = moments(phi, t, z_prev, x)
-        return mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, jnp.shape(mean))
-
-    def log_prob(phi, t, z_prev, x, z):
-        mean, log_var = moments(phi, t, z_prev, x)
-        return normal_logpdf(z, mean, log_var)
-
-    return je.Proposal(sample=sample, log_prob=log_prob)
+    return gaussian_proposal(moments)
 
 
 def stochastic_volatility() -> je.StateSpaceModel:
@@ -134,15 +140,7 @@ def sv_proposal() -> je.Proposal:
         mean = m + phi["k1"] * (y[t] - m) + phi["k2"] * (y_next - m)
         return mean, 2.0 * phi["log_s"]
 
-    def sample(phi, rng, t, z_prev, x):
-        mean, log_var = moments(phi, t, z_prev, x)
-        return mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, jnp.shape(mean))
-
-    def log_prob(phi, t, z_prev, x, z):
-        mean, log_var = moments(phi, t, z_prev, x)
-        return normal_logpdf(z, mean, log_var)
-
-    return je.Proposal(sample=sample, log_prob=log_prob)
+    return gaussian_proposal(moments)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ profile shapes ``k(b) = mean_i log(1 - b x_i)``, profile log-likelihoods
 ``l(b) = M (log(-b / k(b)) - k(b) - 1)``, the posterior mean ``b^ = sum_j softmax(l)_j b_j``
 and ``k^ = mean_i log(1 - b^ x_i)``. The reported shape adds Vehtari et al.'s weakly
 informative prior, ``(M k^ + 10 * 0.5) / (M + 10)`` (a Gaussian centred at 0.5 worth 10
-observations). Everything is computed from ``log w~`` shifted by its maximum, so any
-scale of log-weights is safe.
+observations). Everything is computed in log space from ratios of exceedances
+(``log x_i`` straight from the log-weights, never ``exp`` of them), so weights ``e^{10^4}``
+apart, whose ``exp`` underflows even in float64, give the same k-hat as a 40-digit
+computation of the formula above.
 
 References:
   Vehtari, Simpson, Gelman, Yao & Gabry (2024). Pareto smoothed importance sampling.
@@ -52,21 +54,44 @@ def psis_tail_size(num_samples: int) -> int:
     return num_samples // 5
 
 
-def _gpd_shape(x: jax.Array) -> jax.Array:
-    """Zhang & Stephens' posterior-mean GPD shape of the sorted exceedances ``x`` (last axis),
-    with the weakly informative prior; ``nan`` when the tail is flat (all ``x`` zero)."""
-    n = x.shape[-1]
+def _log1mexp(a: jax.Array) -> jax.Array:
+    """``log(1 - exp(a))`` for ``a <= 0``, accurate at both ends (Maechler 2012)."""
+    return jnp.where(a > -math.log(2.0), jnp.log(-jnp.expm1(a)), jnp.log1p(-jnp.exp(a)))
+
+
+def _gpd_shape(log_x: jax.Array) -> jax.Array:
+    r"""Zhang & Stephens' posterior-mean GPD shape, with the weakly informative prior, of
+    the sorted exceedances ``x`` given as ``log_x`` (last axis).
+
+    Every term is a ratio of exceedances, so nothing depends on their scale: with
+    ``A_i = 1 - x_i / x_(M)`` and ``a_j = (sqrt(m / (j - 1/2)) - 1) / 3 > 0``,
+    ``1 - b_j x_i = A_i + a_j x_i / x_q`` (a sum of two non-negative terms, taken by
+    ``logaddexp``) and ``log|b_j| = log|x_q / x_(M) - a_j| - log x_q`` (the last term is the
+    same for every ``j`` and drops out of the softmax); the posterior mean gives
+    ``1 - b^ x_i = A_i + (sum_j p_j a_j) x_i / x_q``. Exceedances ``e^{10^4}`` apart are
+    then as safe as ones of order one. ``nan`` when the tail is flat (all ``x`` zero);
+    ``+inf``, the estimator's limit, when ``x_q = 0 < x_(M)`` (ties at the threshold).
+    """
+    n = log_x.shape[-1]
     m = 30 + math.isqrt(n)
-    j = jnp.arange(1, m + 1, dtype=x.dtype).reshape((1,) * (x.ndim - 1) + (m,))
-    quartile = x[..., math.floor(n / 4 + 0.5) - 1]
-    top = x[..., -1]
-    b = 1.0 / top[..., None] + (1.0 - jnp.sqrt(m / (j - 0.5))) / (_GRID_SCALE * quartile[..., None])
-    k_grid = jnp.mean(jnp.log1p(-b[..., :, None] * x[..., None, :]), axis=-1)          # (..., m)
-    profile = n * (jnp.log(-b / k_grid) - k_grid - 1.0)
-    b_post = jnp.sum(jax.nn.softmax(profile, axis=-1) * b, axis=-1)
-    k = jnp.mean(jnp.log1p(-b_post[..., None] * x), axis=-1)
+    j = jnp.arange(1, m + 1, dtype=log_x.dtype).reshape((1,) * (log_x.ndim - 1) + (m,))
+    a = (jnp.sqrt(m / (j - 0.5)) - 1.0) / _GRID_SCALE                                   # (..., m)
+    log_q = log_x[..., math.floor(n / 4 + 0.5) - 1]
+    log_top = log_x[..., -1]
+    flat, tied = jnp.isneginf(log_top), jnp.isneginf(log_q)
+    safe = jnp.where((flat | tied)[..., None], jnp.zeros_like(log_x), log_x)         # any finite stand-in
+    log_q = jnp.where(flat | tied, jnp.zeros_like(log_q), log_q)
+    log_top = jnp.where(flat | tied, jnp.zeros_like(log_top), log_top)
+    log_a_i = _log1mexp(safe - log_top[..., None])                                    # log A_i, (..., n)
+    log_r = safe - log_q[..., None]                                                   # log(x_i / x_q)
+    log_terms = jnp.logaddexp(log_a_i[..., None, :], jnp.log(a)[..., None] + log_r[..., None, :])
+    k_grid = jnp.mean(log_terms, axis=-1)                                             # (..., m)
+    log_abs_b = jnp.log(jnp.abs(jnp.exp(log_q - log_top)[..., None] - a))            # + log x_q dropped
+    profile = n * (log_abs_b - jnp.log(jnp.abs(k_grid)) - k_grid - 1.0)
+    spread = jnp.sum(jax.nn.softmax(profile, axis=-1) * a, axis=-1)                   # sum_j p_j a_j
+    k = jnp.mean(jnp.logaddexp(log_a_i, jnp.log(spread)[..., None] + log_r), axis=-1)
     k = (n * k + _PRIOR_STRENGTH * _PRIOR_MEAN) / (n + _PRIOR_STRENGTH)
-    return jnp.where(top > 0, k, jnp.nan)
+    return jnp.where(flat, jnp.nan, jnp.where(tied, jnp.inf, k))
 
 
 def psis_khat(log_weights: jax.Array, axis: int = -1) -> jax.Array:
@@ -77,8 +102,10 @@ def psis_khat(log_weights: jax.Array, axis: int = -1) -> jax.Array:
     with the weakly informative prior of Vehtari et al. 2024) and returns its shape.
     ``k-hat <= 0.7`` (:data:`KHAT_THRESHOLD`): the self-normalised importance sampler
     (and so the IWAE bound) is reliable; above it the estimates are dominated by a few
-    weights. jit- and vmap-compatible; ``nan`` where the M largest weights are all
-    equal to the one below them (a flat tail).
+    weights. jit- and vmap-compatible and stable at any scale of log-weights; ``nan`` where
+    the M largest weights are all equal to the one below them (a flat tail: nothing to
+    fit), ``+inf`` (flagged) where the lower quarter of the tail ties with the threshold
+    but larger weights lie above it, the estimator's limit.
 
     Args:
       log_weights: unnormalised log importance weights ``log w~``, e.g. ``aux["log_weights"]``
@@ -114,6 +141,8 @@ def psis_khat(log_weights: jax.Array, axis: int = -1) -> jax.Array:
                          f"got {s}")
     ordered = jnp.sort(lw, axis=-1)
     tail, cutoff = ordered[..., s - m:], ordered[..., s - m - 1]
-    top = tail[..., -1:]
-    x = jnp.exp(tail - top) - jnp.exp(cutoff[..., None] - top)
-    return _gpd_shape(x)
+    cutoff = cutoff[..., None]
+    above = tail > cutoff
+    gap = jnp.where(above, cutoff - tail, -jnp.ones_like(tail))                      # < 0; -inf - -inf is safe
+    log_x = jnp.where(above, tail - tail[..., -1:] + _log1mexp(gap), -jnp.inf)        # log((w_i - w_cut) / w_max)
+    return _gpd_shape(log_x)

@@ -883,3 +883,53 @@ def test_records_are_bitwise_after_a_kill_when_checkpoints_fall_between_log_step
     training.train_loop(chunk, net.params, opt.init(net.params), out_dir=tmp_path / "b", resume=True, **kw)
     a, b = (_records(tmp_path / d) for d in "ab")
     assert [r["step"] for r in a] == [4, 8] and a == b  # the record of step 4 from the chunks [0, 3) and [3, 4)
+
+
+# --------------------------------------------------------------------------- one line, before the work
+
+
+def _run_folder(state, folder: Path) -> Path:
+    """A run folder ``jaxelbo evaluate`` accepts: config.json and one checkpoint of ``state``."""
+    params, opt_state = state
+    settings = {"dataset": "digits", "data_dir": None, "validation_size": None, "learning_rate": 1e-3,
+                "guide_learning_rate": None, "seed": 0, "binarization": "dynamic"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"settings": settings, "vae": {"data_dim": 64, "hidden": [8], "latent_dim": 2}}))
+    checkpoint.save(folder / "checkpoints", 3, params, opt_state)
+    return folder
+
+
+def test_evaluate_out_that_cannot_be_written_is_refused_before_the_evaluation(state, tmp_path, capsys,
+                                                                              monkeypatch):
+    from jaxelbo.app import experiment
+
+    run = _run_folder(state, tmp_path / "run")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr(experiment, "evaluate_run", never)
+    cases = [(tmp_path, "is a folder"), (tmp_path / "missing" / "e.json", "does not exist")]
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        cases.append((tmp_path / "ro" / "e.json", "not writable"))
+    elif not (os.access("/sys", os.W_OK) and not Path("/sys").is_mount()):  # root: a read-only mount
+        cases.append((Path("/sys/jaxelbo-evaluation.json"), "not writable"))
+    for out, needle in cases:
+        assert main(["evaluate", str(run), "--out", str(out), "--eval-num-samples", "10"]) == 2
+        _one_line_error(capsys, "--out", str(out), needle)
+
+
+def test_evaluate_interrupted_is_one_line_exit_130(state, tmp_path, capsys, monkeypatch):
+    from jaxelbo.app import evaluation
+
+    run = _run_folder(state, tmp_path / "run")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate", interrupted)
+    assert main(["evaluate", str(run), "--eval-num-samples", "10", "--no-surgery", "--no-progress"]) == 130
+    _one_line_error(capsys, "interrupted by SIGINT", str(run / "evaluation.json"))
+    assert not (run / "evaluation.json").exists()

@@ -59,6 +59,28 @@ def check_writable(out: str | Path, flag: str = "--out") -> None:
         raise RunFolderError(f"{flag} {out} is not writable ({probe}: {e.strerror})") from None
 
 
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """Raises :class:`RunFolderError` unless ``path`` can be written as a file; creates nothing.
+
+    Refused: a folder, a missing parent folder, a parent that is a file, a read-only parent.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RunFolderError(f"{flag} {path} is a folder; give the file to write")
+    parent = path.parent
+    if not parent.exists():
+        raise RunFolderError(f"{flag} {path}: its folder {parent} does not exist")
+    if not parent.is_dir():
+        raise RunFolderError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:  # as in check_writable: a real file tells the truth where os.access would not
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise RunFolderError(f"{flag} {path} is not writable ({parent}: {e.strerror})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunFolderError(f"{flag} {path} is not writable (read-only file)")
+
+
 class RunLock:
     """An exclusive lock on a run folder (``with RunLock(out) as lock: ...``).
 

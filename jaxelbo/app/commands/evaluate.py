@@ -11,7 +11,7 @@ difference, the amortisation gap and (``--bdmc N``) the BDMC gap on N simulated 
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
 from pathlib import Path
 
@@ -74,8 +74,18 @@ def run(args: argparse.Namespace) -> int:
             print("jaxelbo evaluate: error: --method ais/all needs BlackJAX: pip install 'jaxelbo[ais]'",
                   file=sys.stderr)
             return 2
-    from jaxelbo.app import experiment
+    from jaxelbo.app import rundir
 
+    out = Path(args.out) if args.out else run_dir / "evaluation.json"
+    try:  # before the evaluation, not after it
+        rundir.check_output_file(out, "--out" if args.out else "DIR")
+    except ValueError as e:
+        print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
+        return 2
+    from jaxelbo.app import experiment
+    from jaxelbo.app.commands.train import _raise_interrupted  # SIGTERM raised like Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         record = experiment.evaluate_run(run_dir, split=args.split, step=args.step, data_dir=args.data_dir,
                                          seed=args.seed, num_samples=args.eval_num_samples,
@@ -83,11 +93,17 @@ def run(args: argparse.Namespace) -> int:
                                          surgery=args.surgery, progress=not args.no_progress,
                                          method=args.method, ais_steps=args.ais_steps, ais_chains=args.ais_chains,
                                          bdmc_points=args.bdmc, amortisation_steps=args.amortisation_steps)
-    except (ValueError, FileNotFoundError) as e:
+        rundir.write_json_atomic(out, record)
+    except (ValueError, OSError) as e:
         print(f"jaxelbo evaluate: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else run_dir / "evaluation.json"
-    out.write_text(json.dumps(record, indent=1))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as _raise_interrupted raises it
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"jaxelbo evaluate: {run_dir}: interrupted by {signal.Signals(signum).name}; nothing written to {out}",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     result = record[args.split]
     parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()]
     print(f"{run_dir} step {record['step']} ({args.split}): " + ", ".join(parts))

@@ -836,6 +836,60 @@ def test_snr_outputs_are_atomic_and_a_stale_m_figure_goes(tmp_path, capsys):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+SMALL_SNR = ("--num-replicates", "4", "--dim", "2", "--num-points", "8", "--estimator", "dreg", "--no-progress")
+
+
+@pytest.mark.slow
+def test_snr_signal_mid_sweep_keeps_the_finished_settings_and_replot_draws_them(tmp_path, capsys, monkeypatch):
+    from jaxelbo.app import rainforth
+    from jaxelbo.app.commands import snr as cmd
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "snr_m.png").write_bytes(b"an earlier run's M sweep")
+    experiment = rainforth.rainforth_experiment
+
+    def signalled(on_partial, **kwargs):
+        def save_then_signal(result):
+            on_partial(result)
+            if len(result.k_sweep) == 1:
+                signal.raise_signal(signal.SIGTERM)  # what a scheduler sends, mid-sweep
+
+        return experiment(on_partial=save_then_signal, **kwargs)
+
+    monkeypatch.setattr(rainforth, "rainforth_experiment", signalled)
+    capsys.readouterr()
+    assert cmd.run(_snr_args("--k-grid", "1,2", "--m-grid", "1", "--out", str(out), *SMALL_SNR)) == 143
+    err = _one_line_error(capsys, "interrupted by SIGTERM during the sweep", "the 1 finished setting(s)",
+                          str(out / "snr.json"), "partial")
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    partial = rainforth.load_result(out)
+    assert partial.partial and [r.num_samples for r in partial.k_sweep] == [1] and not partial.m_sweep
+    assert partial.notes[0].startswith("partial: 1 of 3 settings finished")
+    assert sorted(p.name for p in out.iterdir()) == ["snr.json"]  # the stale M figure went
+    monkeypatch.undo()
+    assert cmd.run(_snr_args("--out", str(out), "--replot")) == 0
+    assert "holds a partial sweep" in capsys.readouterr().err
+    assert (out / "snr.png").is_file() and not (out / "snr_m.png").exists()
+    assert "partial: 1 of 3 settings" in (out / "snr.md").read_text()
+
+
+@pytest.mark.slow
+def test_snr_sigint_mid_sweep_is_one_line_in_a_subprocess(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxelbo", "snr", "--k-grid", "1,2,3,4,5,6,7,8,9,10",
+                             "--m-grid", "1", "--out", str(out), *SMALL_SNR],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "snr.json").exists(), proc)  # the first finished setting is saved
+    proc.send_signal(signal.SIGINT)
+    code, _, err = _finish(proc)
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, (code, err)
+    assert "interrupted by SIGINT during the sweep" in err and "marked partial" in err, err
+    saved = json.loads((out / "snr.json").read_text())
+    assert saved["partial"] is True and 1 <= len(saved["k_sweep"]) < 10
+
+
 # --------------------------------------------------------------------------- multi-process start-up
 
 

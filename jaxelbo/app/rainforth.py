@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -221,6 +222,7 @@ class Result:
     notes: list[str] = dataclasses.field(default_factory=list)
     wall_seconds: float | None = None
     environment: dict[str, Any] | None = None
+    partial: bool = False  # an interrupted sweep: only the settings that finished
 
     def sweep(self, axis: str) -> list[PointRecord]:
         return self.k_sweep if axis == "num_samples" else self.m_sweep
@@ -371,6 +373,7 @@ def rainforth_experiment(
     mesh: jax.sharding.Mesh | None | bool = None,
     memory_budget_bytes: int = snr.DEFAULT_MEMORY_BUDGET_BYTES,
     progress: Callable[[str, int], None] | None = None,
+    on_partial: Callable[[Result], None] | None = None,
 ) -> Result:
     """Reproduce the SNR-versus-K and SNR-versus-M experiments of Rainforth et al. (2018)
     with the estimators of Tucker et al. (2019) on the linear-Gaussian toy.
@@ -386,6 +389,9 @@ def rainforth_experiment(
 
     Args:
       progress: called as ``progress(axis, setting)`` after each setting.
+      on_partial: called after each setting but the last with the :class:`Result` of the
+        settings finished so far (``partial=True``, a note says how many), e.g. to save it
+        so that an interrupted sweep keeps its finished settings.
       mesh, chunk_size, memory_budget_bytes: as in :func:`jaxelbo.snr.gradient_moments`.
 
     Returns:
@@ -426,22 +432,28 @@ def rainforth_experiment(
     common = dict(num_replicates=num_replicates, pairs=pairs, mean_reference=mean_reference,
                   chunk_size=chunk_size, mesh=mesh, memory_budget_bytes=memory_budget_bytes)
     rng = jax.random.key(seed + 1)
-    sweeps = {}
-    for i, (axis, make, grid) in enumerate((("num_samples", make_iwae, k_grid), ("num_outer", make_miwae, m_grid))):
-        if axis == "num_outer" and not m_estimators:
-            sweeps[axis] = []
-            continue
-        report = None if progress is None else (lambda p, axis=axis: progress(axis, p.setting))
-        points = snr.sweep(make, problem.params, jax.random.fold_in(rng, i), problem.x, grid=list(grid),
-                           progress=report, **common)
-        sweeps[axis] = [_point_record(p, layout, axis, num_inner if axis == "num_outer" else None, mean_reference)
-                        for p in points]
+    sweeps: dict[str, list[PointRecord]] = {"num_samples": [], "num_outer": []}
+    total = len(k_grid) + (len(m_grid) if m_estimators else 0)
 
-    notes: list[str] = []
-    if dropped:
-        notes.append(f"K sweep: K = {', '.join(map(str, dropped))} left out (jvi-dreg needs K >= 2)")
-    slopes = {"num_samples": fit_slopes(sweeps["num_samples"], "num_samples", estimators, fit_min, notes),
-              "num_outer": fit_slopes(sweeps["num_outer"], "num_outer", m_estimators, 1, notes)}
+    def finished(point, axis):
+        sweeps[axis].append(_point_record(point, layout, axis, num_inner if axis == "num_outer" else None,
+                                          mean_reference))
+        if progress is not None:
+            progress(axis, point.setting)
+        done = len(sweeps["num_samples"]) + len(sweeps["num_outer"])
+        if on_partial is not None and done < total:
+            on_partial(assemble(f"partial: {done} of {total} settings finished (the sweep was stopped)"))
+
+    def assemble(partial_note=None):
+        notes: list[str] = [partial_note] if partial_note else []
+        if dropped:
+            notes.append(f"K sweep: K = {', '.join(map(str, dropped))} left out (jvi-dreg needs K >= 2)")
+        slopes = {"num_samples": fit_slopes(sweeps["num_samples"], "num_samples", estimators, fit_min, notes),
+                  "num_outer": fit_slopes(sweeps["num_outer"], "num_outer", m_estimators, 1, notes)}
+        return Result(settings=settings, k_sweep=list(sweeps["num_samples"]), m_sweep=list(sweeps["num_outer"]),
+                      slopes=slopes, checks=checks(sweeps["num_samples"], estimators),
+                      seconds=time.perf_counter() - start, notes=notes, partial=partial_note is not None)
+
     resolved_mesh = snr.replicate_mesh(mesh)
     settings = Settings(
         seed=seed, num_replicates=num_replicates, k_grid=list(k_grid), m_grid=list(m_grid), num_inner=num_inner,
@@ -452,9 +464,12 @@ def rainforth_experiment(
         mean_reference=mean_reference,
         aggregate="SNR per element |E[g]| / std[g]; 'mean' is the mean over the group's elements",
         params={name: [sl.start, sl.stop] for name, sl in layout.leaves.items()})
-    return Result(settings=settings, k_sweep=sweeps["num_samples"], m_sweep=sweeps["num_outer"], slopes=slopes,
-                  checks=checks(sweeps["num_samples"], estimators), seconds=time.perf_counter() - start,
-                  notes=notes)
+    for i, (axis, make, grid) in enumerate((("num_samples", make_iwae, k_grid), ("num_outer", make_miwae, m_grid))):
+        if axis == "num_outer" and not m_estimators:
+            continue
+        snr.sweep(make, problem.params, jax.random.fold_in(rng, i), problem.x, grid=list(grid),
+                  progress=functools.partial(finished, axis=axis), **common)
+    return assemble()
 
 
 def confidence_interval(fit: snr.Slope, confidence: float = CONFIDENCE) -> tuple[float, float] | None:

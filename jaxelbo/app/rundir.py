@@ -15,10 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".lock"
@@ -186,6 +190,30 @@ def _remove_run_file(path: Path) -> None:
             shutil.rmtree(p)
     if not any(path.iterdir()):
         path.rmdir()
+
+
+@contextlib.contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
+    """Holds SIGINT and SIGTERM back while a write that must not be cut short runs.
+
+    A signal that comes meanwhile is recorded (the yielded list) and delivered again, to the
+    handler in place before, once the block is left; a block that ends with an exception
+    drops it (that exception already stops the work). Outside the main thread: no effect.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
+    ok = False
+    try:
+        yield caught
+        ok = True
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if ok and caught:
+            signal.raise_signal(caught[0])
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -10,6 +10,7 @@ turns flags into its arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -157,19 +158,43 @@ def environment() -> dict[str, Any]:
     return {**describe(), "command": " ".join([_program_name()] + sys.argv[1:])}
 
 
-class _Terminated(KeyboardInterrupt):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise _Terminated(signum)
+def _interrupted_line(signum: int, out: str, saved: int, during: str = "the sweep") -> str:
+    name = signal.Signals(signum).name
+    if during != "the sweep":
+        return (f"jaxelbo snr: interrupted by {name} during {during}; {os.path.join(out, 'snr.json')} is complete "
+                f"(draw the rest with jaxelbo snr --replot --out {out})")
+    if not saved:
+        return (f"jaxelbo snr: interrupted by {name} during the sweep before a setting finished; nothing written "
+                f"to {out}")
+    return (f"jaxelbo snr: interrupted by {name} during the sweep; the {saved} finished setting(s) are in "
+            f"{os.path.join(out, 'snr.json')}, marked partial (draw them with jaxelbo snr --replot --out {out})")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep and write the outputs; returns the exit status."""
+    """Run the sweep and write the outputs; returns the exit status.
+
+    SIGINT and SIGTERM end it in one line (exit 130 or 143); the settings finished by then
+    are in ``snr.json`` (written atomically after each one, marked ``partial``).
+    """
+    from jaxelbo.app.commands.train import _raise_interrupted  # SIGTERM raised like Ctrl-C
+
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = [0]
+    during = ["the sweep"]
+    try:
+        return _run(args, saved, during)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(_interrupted_line(signum, args.out, saved[0], during[0]), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(args: argparse.Namespace, saved: list[int], during: list[str]) -> int:
     if args.replot:
+        during[0] = "the replot"
         try:
             result = rainforth.load_result(args.out)
         except FileNotFoundError as e:
@@ -179,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"jaxelbo snr: error: {e}", file=sys.stderr)
             return 2
         paths = rainforth.write_outputs(result, args.out)
+        if result.partial:
+            print(f"jaxelbo snr: note: {os.path.join(args.out, 'snr.json')} holds a partial sweep "
+                  f"({result.notes[0] if result.notes else 'interrupted'})", file=sys.stderr)
         print("rewrote " + ", ".join(paths.values()))
         return 0
     try:
@@ -202,19 +230,27 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{rainforth.AXES[axis]}={setting} done")
 
     start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    env = environment()
+
+    def save_partial(result):  # the finished settings, so that a signal or a kill keeps them
+        result = dataclasses.replace(result, wall_seconds=time.perf_counter() - start, environment=env)
+        with rundir.signals_deferred():
+            if not saved[0]:
+                os.makedirs(args.out, exist_ok=True)
+                for name in rainforth.OUTPUT_NAMES[1:]:  # an earlier run's tables and figures
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(args.out, name))
+            rundir.write_json_atomic(os.path.join(args.out, "snr.json"), result.to_json())
+            saved[0] = len(result.k_sweep) + len(result.m_sweep)
+
     try:
-        result = rainforth.rainforth_experiment(progress=progress, **settings)
-    except KeyboardInterrupt as e:
-        bar.close()
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"jaxelbo snr: interrupted by {signal.Signals(signum).name} during the sweep; nothing written to "
-              f"{args.out}", file=sys.stderr)
-        return 128 + signum
+        result = rainforth.rainforth_experiment(progress=progress, on_partial=save_partial, **settings)
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
-    result = dataclasses.replace(result, wall_seconds=time.perf_counter() - start, environment=environment())
+    result = dataclasses.replace(result, wall_seconds=time.perf_counter() - start, environment=env)
+    with rundir.signals_deferred():
+        rundir.write_json_atomic(os.path.join(args.out, "snr.json"), result.to_json())
+    during[0] = "the tables and figures"
     paths = rainforth.write_outputs(result, args.out)
     print(rainforth.markdown(result))
     for note in result.notes:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxelbo import snr
 from jaxelbo._validation import check_count, check_inputs
 from jaxelbo.log_weights import (
     batch_size_of,
@@ -17,36 +18,62 @@ from jaxelbo.log_weights import (
     sample_keys,
     sample_latents,
 )
+from jaxelbo.snr import PairedBiasTest, paired_t_statistics
 from jaxelbo.types import Guide, LossFn, Model, PyTree
 
+__all__ = ["ElboSurgery", "PairedBiasTest", "elbo_surgery", "gradient_replicates", "gradient_snr",
+           "importance_resample", "log_likelihood", "paired_bias_test", "paired_t_statistics",
+           "snr_from_replicates"]
+
 # --------------------------------------------------------------------------------------
-# Gradient replicates and signal-to-noise ratio
+# Gradient replicates, SNR and paired bias tests: views over the engine in jaxelbo.snr
 # --------------------------------------------------------------------------------------
 
 
-def gradient_replicates(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *,
+def gradient_replicates(loss_fn: LossFn, params: PyTree, rng: jax.Array, x: PyTree, *,
                         num_replicates: int, chunk_size: int | None = None) -> PyTree:
     """``R`` independent draws of the gradient estimate, stacked on a leading axis.
 
-    All replicates run as one vmapped program; with ``chunk_size`` they run
-    ``chunk_size`` at a time (``jax.lax.map``), bounding memory at ``chunk_size`` times
-    one gradient's. Replicate ``r`` uses ``jax.random.split(rng, R)[r]`` whatever the
+    All replicates run as one vmapped program (:func:`jaxelbo.snr.replicate_gradients`),
+    sharded over the replicate axis when there are several devices; with ``chunk_size``
+    they run ``chunk_size`` at a time (``jax.lax.map``), bounding memory at ``chunk_size``
+    times one gradient's. Replicate ``r`` uses ``jax.random.split(rng, R)[r]`` whatever the
     chunking, so results do not depend on it.
+
+    Args:
+      loss_fn: ``(params, rng, x) -> (loss, aux)`` whose ``jax.grad`` is the estimator.
+      params, rng, x: as for the loss.
+      num_replicates: R >= 1.
+      chunk_size: replicates per step (``None``: all at once).
 
     Returns:
       A pytree like ``params`` whose leaves have a leading axis ``num_replicates``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="dreg")
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> reps = je.gradient_replicates(loss_fn, params, jax.random.key(0), jnp.ones((3, 2)), num_replicates=5)
+      >>> reps["guide"]["A"].shape
+      (5, 2, 2)
     """
+    return _replicates({"loss": loss_fn}, params, rng, x, num_replicates, chunk_size)["loss"]
+
+
+def _replicates(loss_fns: dict[str, LossFn], params: PyTree, rng: jax.Array, x: PyTree, num_replicates: int,
+                chunk_size: int | None) -> dict[str, PyTree]:
     num_replicates = check_count("num_replicates", num_replicates)
+    if chunk_size is not None:
+        chunk_size = check_count("chunk_size", chunk_size)
     keys = jax.random.split(rng, num_replicates)
-    grad_fn = jax.grad(lambda p, key: loss_fn(p, key, x)[0])
     if chunk_size is None or chunk_size >= num_replicates:
-        return jax.vmap(grad_fn, in_axes=(None, 0))(params, keys)
-    chunk_size = check_count("chunk_size", chunk_size)
-    return jax.lax.map(lambda key: grad_fn(params, key), keys, batch_size=chunk_size)
+        keys = snr.shard_replicates(keys)
+    return snr.replicate_gradients(loss_fns, params, keys, x, chunk_size=chunk_size)
 
 
 def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None, *, ddof: int = 1) -> PyTree:
-    """Per-element ``|mean| / std`` over the leading (replicate) axis.
+    """Per-element ``|mean| / std`` over the leading (replicate) axis (:func:`jaxelbo.snr.signal_to_noise`).
 
     Args:
       replicates: leaves with a leading axis R.
@@ -55,22 +82,45 @@ def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None, *, ddof:
         swamped by its noise).
       ddof: ``std`` divides the squared deviations by ``R - ddof``; 1 (the default) is the
         sample variance that :class:`jaxelbo.snr.Moments` uses too.
+
+    Returns:
+      A pytree like one replicate; ``0`` where mean and std are both zero.
     """
+    moments = jax.tree_util.tree_map(snr.replicate_moments, replicates)
+    is_moments = lambda m: isinstance(m, snr.Moments)
     if mean is None:
-        mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), replicates)
-    return jax.tree_util.tree_map(lambda g, m: jnp.abs(m) / jnp.std(g, axis=0, ddof=ddof), replicates, mean)
+        mean = jax.tree_util.tree_map(lambda m: m.mean, moments, is_leaf=is_moments)
+    return jax.tree_util.tree_map(lambda m, mu: snr.signal_to_noise(mu, m.m2 / (m.count - ddof)),
+                                  moments, mean, is_leaf=is_moments)
 
 
-def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, num_replicates: int,
+def gradient_snr(loss_fn: LossFn, params: PyTree, rng: jax.Array, x: PyTree, *, num_replicates: int,
                  chunk_size: int | None = None, ddof: int = 1) -> PyTree:
     """Signal-to-noise ratio ``|E[g]| / std[g]`` of every gradient element.
 
     Rainforth et al. (2018, arXiv:1802.04537) show that for IWAE it grows as
     ``sqrt(K)`` for ``theta`` and shrinks as ``1/sqrt(K)`` for ``phi``. ``std`` is the
-    sample standard deviation over the R replicates with ``ddof`` (default 1, as
-    :class:`jaxelbo.snr.Moments`, so this equals the SNR of :func:`jaxelbo.snr.gradient_moments`
-    on the same keys); :func:`jaxelbo.snr.gradient_moments` streams it for large R.
+    sample standard deviation over the R replicates of :func:`gradient_replicates` with
+    ``ddof`` (default 1, as :class:`jaxelbo.snr.Moments`, so this equals the SNR of
+    :func:`jaxelbo.snr.gradient_moments` on the same keys, which streams it for large R).
     ``num_replicates`` must exceed ``ddof`` (a standard deviation needs that many).
+    Elements whose gradient is identically zero get ``0``.
+
+    Args:
+      loss_fn, params, rng, x, num_replicates, chunk_size: as for :func:`gradient_replicates`.
+      ddof: the standard deviation divides by ``R - ddof``.
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="dreg")
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> snr = je.gradient_snr(loss_fn, params, jax.random.key(0), jnp.ones((3, 2)), num_replicates=50)
+      >>> snr["model"]["mu"].shape
+      (2,)
     """
     num_replicates = check_count("num_replicates", num_replicates)
     if num_replicates <= ddof:
@@ -80,66 +130,7 @@ def gradient_snr(loss_fn: LossFn, params: dict, rng: jax.Array, x: PyTree, *, nu
     return snr_from_replicates(reps, ddof=ddof)
 
 
-class PairedBiasTest(NamedTuple):
-    """Paired t-test of ``E[g_a - g_b] = 0``, element by element (see :func:`paired_bias_test`).
-
-    Attributes:
-      t: per-element t-statistics, a pytree like ``params``.
-      mean_difference: per-element ``mean_r (g_a - g_b)``, like ``params``.
-      rms_t: root mean square of ``t`` over all elements (about 1 without bias).
-      max_abs_t: the largest ``|t|``.
-      num_large: how many elements have ``|t| > threshold`` (4 by default).
-    """
-
-    t: PyTree
-    mean_difference: PyTree
-    rms_t: jax.Array
-    max_abs_t: jax.Array
-    num_large: jax.Array
-
-
-def paired_t_statistics(replicates_a: PyTree, replicates_b: PyTree, *, rtol: float = 1e-4,
-                        threshold: float = 4.0) -> PairedBiasTest:
-    """The :class:`PairedBiasTest` of two replicate pytrees computed on the same keys.
-
-    ``t = mean(d) / (std(d) / sqrt(R))`` with ``d = g_a - g_b`` and the unbiased ``std``.
-    Elements where ``a`` and ``b`` agree to ``rtol`` in every replicate
-    (``max_r |d| <= rtol (mean_r |g_a| + mean_r |g_b|)``; e.g. ``theta``'s gradient, shared
-    by every estimator) count as equal: their difference is rounding, so ``t = 0``.
-    """
-    def leaf_t(a, b):
-        a, b = jnp.asarray(a), jnp.asarray(b)
-        r = a.shape[0]
-        if r < 2:
-            raise ValueError(f"a paired t-test needs at least 2 replicates, got {r}")
-        d = a - b
-        mean = jnp.mean(d, axis=0)
-        se = jnp.std(d, axis=0, ddof=1) / math.sqrt(r)
-        rounding = jnp.max(jnp.abs(d), axis=0) <= rtol * (jnp.mean(jnp.abs(a), axis=0) + jnp.mean(jnp.abs(b), axis=0))
-        t = jnp.where(se > 0, mean / jnp.where(se > 0, se, 1.0), jnp.where(mean == 0, 0.0, jnp.inf))
-        return jnp.where(rounding, 0.0, t), mean
-
-    pairs = jax.tree_util.tree_map(leaf_t, replicates_a, replicates_b)
-    is_pair = lambda p: isinstance(p, tuple)
-    t = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
-    mean = jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair)
-    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(t)])
-    return PairedBiasTest(t=t, mean_difference=mean, rms_t=jnp.sqrt(jnp.mean(flat**2)),
-                          max_abs_t=jnp.max(jnp.abs(flat)), num_large=jnp.sum(jnp.abs(flat) > threshold))
-
-
-def _replicate_keys(rng: jax.Array, num_replicates: int) -> jax.Array:
-    """``jax.random.split(rng, R)``, sharded over the devices when there are several and they divide R."""
-    keys = jax.random.split(rng, num_replicates)
-    devices = jax.devices()
-    if len(devices) > 1 and num_replicates % len(devices) == 0:
-        mesh = jax.sharding.Mesh(devices, ("replicates",))
-        keys = jax.lax.with_sharding_constraint(
-            keys, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replicates")))
-    return keys
-
-
-def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: dict, rng: jax.Array, x: PyTree, *,
+def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: PyTree, rng: jax.Array, x: PyTree, *,
                      num_replicates: int, rtol: float = 1e-4, threshold: float = 4.0) -> PairedBiasTest:
     r"""Do two gradient estimators have the same expectation? A paired t-test per element.
 
@@ -153,11 +144,11 @@ def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: dict, rng: jax.Arra
     (``p ~ 6e-5`` per element). A bias shows up as ``|t|`` growing like ``sqrt(R)``.
     All replicates run as one vmapped program, sharded over the replicate axis when
     there are several devices (as :func:`gradient_replicates`). Elements where both
-    agree to ``rtol`` in every replicate get ``t = 0`` (see :func:`paired_t_statistics`).
+    agree to ``rtol`` in every replicate get ``t = 0`` (see :func:`jaxelbo.snr.paired_t_statistics`).
 
     Args:
       loss_a, loss_b: ``(params, rng, x) -> (loss, aux)`` estimating the same gradient.
-      params, rng, x: as for the losses.
+      params, rng, x: as for the losses (``params`` any pytree).
       num_replicates: R >= 2.
       rtol: relative agreement below which an element's difference counts as rounding.
       threshold: ``num_large`` counts the elements with ``|t|`` above it.
@@ -182,13 +173,8 @@ def paired_bias_test(loss_a: LossFn, loss_b: LossFn, params: dict, rng: jax.Arra
     num_replicates = check_count("num_replicates", num_replicates)
     if num_replicates < 2:
         raise ValueError(f"num_replicates must be >= 2 for a t-test, got {num_replicates}")
-
-    def both(key):
-        grad = lambda f: jax.grad(lambda p: f(p, key, x)[0])(params)
-        return grad(loss_a), grad(loss_b)
-
-    reps_a, reps_b = jax.vmap(both)(_replicate_keys(rng, num_replicates))
-    return paired_t_statistics(reps_a, reps_b, rtol=rtol, threshold=threshold)
+    reps = _replicates({"a": loss_a, "b": loss_b}, params, rng, x, num_replicates, None)
+    return paired_t_statistics(reps["a"], reps["b"], rtol=rtol, threshold=threshold)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Gradient signal-to-noise sweeps (Rainforth et al. 2018; Tucker et al. 2019).
+"""The gradient-statistics engine, and SNR sweeps (Rainforth et al. 2018; Tucker et al. 2019).
 
 For a stochastic gradient estimator :math:`\\Delta` of one parameter element, the
 signal-to-noise ratio is
@@ -13,25 +13,31 @@ IWAE bound the model gradient has ``SNR = O(sqrt(M K))`` while the inference-net
 gradient has ``SNR = O(sqrt(M / K))``; Tucker et al. (2019) show that the
 doubly-reparameterised (DReG) inference-network gradient recovers ``O(sqrt(M K))``.
 
-This module measures such curves for *any* loss function ``(params, rng, x) -> (loss,
-aux)`` whose ``jax.grad`` is the estimator (every jaxelbo objective is one):
+This module is the one engine for gradient statistics of *any* loss function
+``(params, rng, x) -> (loss, aux)`` whose ``jax.grad`` is the estimator (every jaxelbo
+objective is one). Its pieces:
 
-* :func:`gradient_moments` computes the element-wise mean and variance of the gradient
-  over ``R`` replicates with one jit-compiled, vmapped program per configuration. Several
-  loss functions can be evaluated on *the same* random keys (paired replicates), so their
-  differences can be tested for bias. Replicates are processed in chunks sized to a
-  memory budget and merged on the host in float64 (Chan et al.'s parallel update), and
-  each chunk's keys are sharded over the devices of a :class:`jax.sharding.Mesh`.
-* :func:`sweep` runs :func:`gradient_moments` over a grid (of ``num_samples``,
-  ``num_outer``, or any keyword of the user's loss factory).
-* :func:`fit_loglog` fits ``log SNR = a + s log K`` by least squares, with the standard
-  error of ``s`` (a Student-t interval is ``Slope.interval(t)`` with ``t`` the quantile
-  of ``Slope.dof`` degrees of freedom).
+* the replicates: :func:`replicate_gradients` evaluates every loss's gradient on each of
+  ``R`` keys ``jax.random.split(rng, R)`` in one vmapped program (so several estimators
+  are paired on the same noise), with the keys sharded over :func:`replicate_mesh`;
+* the moments: :class:`Moments` (count, mean, sum of squared deviations), in the graph
+  (:func:`replicate_moments`) or merged across chunks on the host in float64;
+* the statistics: :func:`signal_to_noise`, :func:`paired_t` and
+  :func:`paired_t_statistics`, the same formulas for jax arrays (traceable) and NumPy
+  arrays (float64 on the host).
 
-This is the engine. The linear-Gaussian experiment of both papers (its problem, records,
-tables and figures, and ``jaxelbo snr``) is :mod:`jaxelbo.app.rainforth`.
+``je.gradient_replicates``, ``je.gradient_snr`` and ``je.paired_bias_test`` are views over
+it that return pytrees like ``params`` and can be jit-compiled;
+:func:`gradient_moments` streams the same statistics over chunks for large ``R``;
+:func:`sweep` runs it over a grid (of ``num_samples``, ``num_outer``, or any keyword of
+the user's loss factory); :func:`fit_loglog` fits ``log SNR = a + s log K`` by least
+squares, with the standard error of ``s`` (a Student-t interval is ``Slope.interval(t)``
+with ``t`` the quantile of ``Slope.dof`` degrees of freedom).
 
-Variances are sample variances with ``ddof = 1`` here and in :func:`jaxelbo.gradient_snr`.
+The linear-Gaussian experiment of both papers (its problem, records, tables and figures,
+and ``jaxelbo snr``) is :mod:`jaxelbo.app.rainforth`.
+
+Variances are sample variances with ``ddof = 1`` everywhere unless a ``ddof`` is passed.
 
 References:
   Rainforth, Kosiorek, Le, Maddison, Igl, Wood, Teh (2018). Tighter Variational Bounds
@@ -44,6 +50,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,40 +68,130 @@ MAX_AUTO_CHUNK = 2048  # replicates per compiled call when memory allows; larger
 GROUP_NAMES = {"model": "theta", "guide": "phi"}
 
 __all__ = [
+    "REPLICATE_AXIS",
     "GridPoint",
     "Moments",
+    "PairedBiasTest",
     "ParamLayout",
     "Slope",
+    "device_mesh",
     "fit_loglog",
     "geometric_grid",
     "gradient_moments",
     "param_layout",
     "paired_t",
+    "paired_t_statistics",
+    "replicate_gradients",
     "replicate_mesh",
+    "replicate_moments",
+    "shard_replicates",
     "signal_to_noise",
     "summarize",
     "sweep",
 ]
 
 
+# ----------------------------------------------------------------------------- the replicate mesh
+
+
+REPLICATE_AXIS = "replicates"
+
+
+def device_mesh(axis_name: str, num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A one-axis mesh named ``axis_name`` over the first ``num_devices`` devices (default: all).
+
+    The core's one mesh builder (the app's data mesh is one too). The axis is
+    ``AxisType.Auto``: XLA propagates shardings from the arrays constrained to it.
+
+    Example:
+      >>> device_mesh("replicates").axis_names
+      ('replicates',)
+    """
+    devices = jax.devices() if num_devices is None else jax.devices()[: int(num_devices)]
+    return jax.make_mesh((len(devices),), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
+
+
+def replicate_mesh(mesh: jax.sharding.Mesh | None | bool = None) -> jax.sharding.Mesh | None:
+    """The mesh that gradient replicates are sharded over.
+
+    ``None`` (or ``True``): a 1-D mesh ``("replicates",)`` over every device when there are
+    several (else no mesh); ``False``: no mesh; a :class:`jax.sharding.Mesh` is returned as is.
+    """
+    if mesh is False:
+        return None
+    if mesh is None or mesh is True:
+        return None if jax.device_count() == 1 else device_mesh(REPLICATE_AXIS)
+    return mesh
+
+
+def shard_replicates(keys: jax.Array, mesh: jax.sharding.Mesh | None | bool = None) -> jax.Array:
+    """``keys`` constrained to be split over the axes of :func:`replicate_mesh` ``(mesh)``.
+
+    Unchanged when there is no mesh or its size does not divide the number of keys. Works
+    inside ``jax.jit`` (a sharding constraint) and outside it.
+    """
+    mesh = replicate_mesh(mesh)
+    if mesh is None or keys.shape[0] % mesh.devices.size:
+        return keys
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    return jax.lax.with_sharding_constraint(keys, spec)
+
+
+# ----------------------------------------------------------------------------- replicates
+
+
+def replicate_gradients(loss_fns: Mapping[str, LossFn], params: PyTree, keys: jax.Array, x: PyTree, *,
+                        chunk_size: int | None = None) -> dict[str, PyTree]:
+    """``jax.grad`` of every loss on each key: replicates paired on the same noise.
+
+    Replicate ``r`` evaluates ``jax.grad(lambda p: loss_fn(p, keys[r], x)[0])(params)`` for
+    every loss function, so the estimators see the same latent noise. All replicates run
+    as one vmapped program; with ``chunk_size`` they run ``chunk_size`` at a time
+    (``jax.lax.map``), bounding memory at ``chunk_size`` times one replicate's, with the
+    same results.
+
+    Args:
+      loss_fns: ``{name: loss_fn}``, each ``(params, rng, x) -> (loss, aux)``.
+      params: the parameters at which gradients are taken (any pytree).
+      keys: ``(R,)`` PRNG keys, one per replicate.
+      x: the data passed to every loss function.
+      chunk_size: replicates per step of a ``jax.lax.map`` (``None``: all at once).
+
+    Returns:
+      ``{name: gradients}``, each a pytree like ``params`` whose leaves have a leading
+      axis ``R``.
+    """
+    def on_key(p: PyTree, key: jax.Array) -> dict[str, PyTree]:
+        return {name: jax.grad(lambda q, fn=fn: fn(q, key, x)[0])(p) for name, fn in loss_fns.items()}
+
+    if chunk_size is None or chunk_size >= keys.shape[0]:
+        return jax.vmap(on_key, in_axes=(None, 0))(params, keys)
+    return jax.lax.map(lambda key: on_key(params, key), keys, batch_size=chunk_size)
+
+
 # ----------------------------------------------------------------------------- moments
 
 
 class Moments(NamedTuple):
-    """Streaming element-wise moments of ``count`` vectors (float64 on the host).
+    """Element-wise moments of ``count`` replicates.
+
+    On the host (from :func:`gradient_moments`) ``mean`` and ``m2`` are float64 NumPy
+    arrays; in the graph (from :func:`replicate_moments`) they are jax arrays.
 
     Attributes:
       count: number of replicates.
-      mean: ``(P,)`` sample mean.
-      m2: ``(P,)`` sum of squared deviations from the mean, ``sum_r (g_r - mean)^2``.
+      mean: sample mean (``(P,)`` from :func:`gradient_moments`, the replicates' element
+        shape from :func:`replicate_moments`).
+      m2: sum of squared deviations from the mean, ``sum_r (g_r - mean)^2``.
     """
 
     count: int  # type: ignore[assignment]  # a field, shadowing tuple.count
-    mean: np.ndarray
-    m2: np.ndarray
+    mean: Any
+    m2: Any
 
     @property
-    def variance(self) -> np.ndarray:
+    def variance(self) -> Any:
         """Unbiased sample variance ``m2 / (count - 1)`` (``ddof = 1``, as :func:`jaxelbo.gradient_snr`)."""
         return self.m2 / max(self.count - 1, 1)
 
@@ -120,20 +217,128 @@ def _empty_moments() -> Moments:
     return Moments(0, np.zeros(0), np.zeros(0))
 
 
-def signal_to_noise(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+def _mean_m2(replicates: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean and sum of squared deviations over the leading axis (of the rows ``mask`` keeps)."""
+    g = jnp.asarray(replicates)
+    if mask is None:
+        mean = jnp.mean(g, axis=0, keepdims=True)
+        m2 = jnp.sum((g - mean) ** 2, axis=0)
+    else:
+        w = mask.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+        mean = jnp.sum(w * g, axis=0, keepdims=True) / jnp.sum(w)
+        m2 = jnp.sum(w * (g - mean) ** 2, axis=0)
+    return mean[0], m2
+
+
+def replicate_moments(replicates: jax.Array) -> Moments:
+    """The :class:`Moments` of an array of replicates along its leading axis, in the graph.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = replicate_moments(jnp.array([[1.0, 2.0], [3.0, 2.0]]))
+      >>> m.count, m.mean.tolist(), m.m2.tolist(), m.variance.tolist()
+      (2, [2.0, 2.0], [2.0, 0.0], [2.0, 0.0])
+    """
+    mean, m2 = _mean_m2(replicates)
+    return Moments(int(jnp.shape(replicates)[0]), mean, m2)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _is_host(*arrays: Any) -> bool:
+    """NumPy (host, float64) arithmetic unless an argument is a jax array or tracer."""
+    return not any(isinstance(a, jax.Array | jax.core.Tracer) for a in arrays)
+
+
+def signal_to_noise(mean: Any, variance: Any) -> Any:
     """Element-wise ``|mean| / sqrt(variance)``; ``0`` where both are zero, ``inf`` where only
-    the variance is."""
-    mean = np.abs(np.asarray(mean, np.float64))
-    std = np.sqrt(np.asarray(variance, np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = mean / std
-    return np.where((std == 0) & (mean == 0), 0.0, out)
+    the variance is.
+
+    NumPy inputs give a float64 NumPy array; jax arrays give a jax array (traceable).
+
+    Example:
+      >>> signal_to_noise(np.array([2.0, 0.0, 1.0]), np.array([4.0, 0.0, 0.0])).tolist()
+      [1.0, 0.0, inf]
+    """
+    if _is_host(mean, variance):
+        signal = np.abs(np.asarray(mean, np.float64))
+        noise = np.sqrt(np.asarray(variance, np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = signal / noise
+        return np.where((noise == 0) & (signal == 0), 0.0, out)
+    signal_j, noise_j = jnp.abs(mean), jnp.sqrt(variance)
+    return jnp.where((noise_j == 0) & (signal_j == 0), 0.0, signal_j / noise_j)
 
 
-def paired_t(diff: Moments) -> np.ndarray:
+def paired_t(diff: Moments) -> Any:
     """Element-wise paired t-statistic ``mean(d) / (std(d) / sqrt(R))`` of differences
-    ``d = g_a - g_b`` computed on the same random keys (``0`` where ``d`` is identically 0)."""
-    return signal_to_noise(diff.mean, diff.variance) * np.sign(diff.mean) * math.sqrt(diff.count)
+    ``d = g_a - g_b`` computed on the same random keys (``0`` where ``d`` is identically 0,
+    ``+-inf`` where it is a nonzero constant).
+
+    Example:
+      >>> paired_t(Moments(4, np.array([1.0, -0.5, 0.0]), np.array([3.0, 0.75, 0.0]))).tolist()
+      [2.0, -2.0, 0.0]
+    """
+    sign = np.sign(diff.mean) if _is_host(diff.mean) else jnp.sign(diff.mean)
+    return signal_to_noise(diff.mean, diff.variance) * sign * math.sqrt(diff.count)
+
+
+class PairedBiasTest(NamedTuple):
+    """Paired t-test of ``E[g_a - g_b] = 0``, element by element (see :func:`jaxelbo.paired_bias_test`).
+
+    Attributes:
+      t: per-element t-statistics, a pytree like ``params``.
+      mean_difference: per-element ``mean_r (g_a - g_b)``, like ``params``.
+      rms_t: root mean square of ``t`` over all elements (about 1 without bias).
+      max_abs_t: the largest ``|t|``.
+      num_large: how many elements have ``|t| > threshold`` (4 by default).
+    """
+
+    t: PyTree
+    mean_difference: PyTree
+    rms_t: jax.Array
+    max_abs_t: jax.Array
+    num_large: jax.Array
+
+
+def paired_t_statistics(replicates_a: PyTree, replicates_b: PyTree, *, rtol: float = 1e-4,
+                        threshold: float = 4.0) -> PairedBiasTest:
+    """The :class:`PairedBiasTest` of two replicate pytrees computed on the same keys.
+
+    ``t = mean(d) / (std(d) / sqrt(R))`` with ``d = g_a - g_b`` and the unbiased ``std``
+    (:func:`paired_t` of :func:`replicate_moments`). Elements where ``a`` and ``b`` agree
+    to ``rtol`` in every replicate (``max_r |d| <= rtol (mean_r |g_a| + mean_r |g_b|)``;
+    e.g. ``theta``'s gradient, shared by every estimator) count as equal: their difference
+    is rounding, so ``t = 0``. Any pytree works, tuples and NamedTuples included.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = {"u": (jnp.array([1.0, 2.0, 3.0]),)}
+      >>> b = {"u": (jnp.array([0.0, 1.5, 1.5]),)}
+      >>> round(float(paired_t_statistics(a, b).t["u"][0]), 4)  # d = (1, 0.5, 1.5)
+      3.4641
+    """
+    leaves_a, treedef = jax.tree_util.tree_flatten(replicates_a)
+    # b's leaves in a's order (tree_map raises when the structures differ)
+    leaves_b = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda _, b: b, replicates_a, replicates_b))
+    ts, means = [], []
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        if a.shape[0] < 2:
+            raise ValueError(f"a paired t-test needs at least 2 replicates, got {a.shape[0]}")
+        d = a - b
+        diff = replicate_moments(d)
+        rounding = jnp.max(jnp.abs(d), axis=0) <= rtol * (jnp.mean(jnp.abs(a), axis=0) + jnp.mean(jnp.abs(b), axis=0))
+        ts.append(jnp.where(rounding, 0.0, paired_t(diff)))
+        means.append(diff.mean)
+    if not ts:
+        raise ValueError("a paired t-test needs at least one array leaf in the replicates")
+    flat = jnp.concatenate([jnp.ravel(t) for t in ts])
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return PairedBiasTest(t=unflatten(ts), mean_difference=unflatten(means),
+                          rms_t=jnp.sqrt(jnp.mean(flat**2)), max_abs_t=jnp.max(jnp.abs(flat)),
+                          num_large=jnp.sum(jnp.abs(flat) > threshold))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -181,55 +386,23 @@ def param_layout(params: PyTree) -> ParamLayout:
     return ParamLayout(leaves, groups, start)
 
 
-# ----------------------------------------------------------------------------- the program
-
-
-def replicate_mesh(mesh: jax.sharding.Mesh | None | bool = None) -> jax.sharding.Mesh | None:
-    """The mesh :func:`gradient_moments` shards replicates over.
-
-    ``None`` (or ``True``): a 1-D mesh over every device when there are several (else no mesh);
-    ``False``: no mesh; a :class:`jax.sharding.Mesh` is returned as is.
-    """
-    if mesh is False:
-        return None
-    if mesh is None or mesh is True:
-        devices = jax.devices()
-        if len(devices) == 1:
-            return None
-        return jax.make_mesh((len(devices),), ("replicates",),
-                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    return mesh
+# ----------------------------------------------------------------------------- streaming
 
 
 def _chunk_program(loss_fns: Mapping[str, LossFn], pairs: Sequence[tuple[str, str]]) -> Callable:
     """A function ``(params, keys, mask, x) -> {series: (mean, m2)}`` over one chunk of keys.
 
-    Each replicate evaluates every loss function's gradient on the same key; the series are
-    the flattened gradients of each loss and the differences of each pair. ``mask`` marks the
-    real replicates of a padded chunk.
+    Each replicate evaluates every loss function's gradient on the same key
+    (:func:`replicate_gradients`); the series are the flattened gradients of each loss and
+    the differences of each pair. ``mask`` marks the real replicates of a padded chunk.
     """
-    names = tuple(loss_fns)
-
-    def gradients(params, key, x):
-        out = {}
-        for name in names:
-            grad = jax.grad(lambda p, fn=loss_fns[name]: fn(p, key, x)[0])(params)
-            out[name] = ravel_pytree(grad)[0]
-        return out
-
     def program(params, keys, mask, x):
-        grads = jax.vmap(gradients, in_axes=(None, 0, None))(params, keys, x)
+        grads = {name: jax.vmap(lambda g: ravel_pytree(g)[0])(tree)
+                 for name, tree in replicate_gradients(loss_fns, params, keys, x).items()}
         series = dict(grads)
         for a, b in pairs:
             series[f"{a}-{b}"] = grads[a] - grads[b]
-        stats = {}
-        for name, g in series.items():
-            w = mask.astype(g.dtype)[:, None]
-            n = jnp.sum(w)
-            mean = jnp.sum(w * g, axis=0) / n
-            m2 = jnp.sum(w * (g - mean) ** 2, axis=0)
-            stats[name] = (mean, m2)
-        return stats
+        return {name: _mean_m2(g, mask) for name, g in series.items()}
 
     return program
 

@@ -6,6 +6,8 @@ values pinned here were recorded from the two separate implementations before th
 one (same key, same problem), so a refactor that changes a result fails.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,7 @@ def flat(tree):
     return np.asarray(ravel_pytree(tree)[0])
 
 
+@pytest.mark.slow  # four programs, ~15 s under load
 def test_views_give_the_pinned_results(losses):
     a, b = losses
     reps = je.gradient_replicates(a, PARAMS, RNG, X, num_replicates=3)
@@ -67,3 +70,73 @@ def test_streaming_moments_give_the_pinned_results(losses):
     m = snr.gradient_moments({"a": a, "b": b}, PARAMS, RNG, X, num_replicates=8, pairs=[("a", "b")])
     np.testing.assert_allclose(snr.signal_to_noise(m["a"].mean, m["a"].variance), PINNED_SNR, rtol=1e-5)
     np.testing.assert_allclose(snr.paired_t(m["a-b"]), PINNED_T, rtol=1e-5, atol=1e-5)
+
+
+class Pair(NamedTuple):
+    w: jax.Array
+    v: jax.Array
+
+
+def test_paired_t_statistics_reads_tuples_as_structure_not_leaves():
+    """A stax-style list of tuples and a NamedTuple give the dict layout's t, leaf by leaf."""
+    rng = np.random.default_rng(0)
+    b = [rng.normal(size=(30, 2)), rng.normal(size=(30, 3)), rng.normal(size=(30,))]
+    a = [b[0] + rng.normal(0.4, 1.0, size=(30, 2)), b[1] + rng.normal(size=(30, 3)), b[2].copy()]
+    as_dict = snr.paired_t_statistics(*({"p": jnp.asarray(u), "q": jnp.asarray(v), "r": jnp.asarray(w)}
+                                        for u, v, w in (a, b)))
+    as_tuples = snr.paired_t_statistics(*([(jnp.asarray(u), jnp.asarray(v)), (),
+                                           (Pair(jnp.asarray(w), jnp.asarray(w)),)] for u, v, w in (a, b)))
+    assert jax.tree.structure(as_tuples.t) == jax.tree.structure([(0, 0), (), (Pair(0, 0),)])
+    np.testing.assert_allclose(as_tuples.t[0][0], as_dict.t["p"], rtol=1e-6)
+    np.testing.assert_allclose(as_tuples.t[0][1], as_dict.t["q"], rtol=1e-6)
+    np.testing.assert_array_equal(as_tuples.t[2][0].w, 0.0)  # identical replicates: t = 0
+    d = a[0] - b[0]
+    np.testing.assert_allclose(as_dict.t["p"], d.mean(0) / (d.std(0, ddof=1) / np.sqrt(30)), rtol=1e-4)
+    np.testing.assert_allclose(as_tuples.mean_difference[0][0], d.mean(0), rtol=1e-5)
+    assert float(as_tuples.max_abs_t) == pytest.approx(float(as_dict.max_abs_t), rel=1e-6)
+
+
+def test_statistics_are_one_formula_on_host_and_in_the_graph():
+    mean = np.array([2.0, 0.0, 1.0, -1.0, 0.5])
+    var = np.array([4.0, 0.0, 0.0, 0.0, 1.0])
+    host = snr.signal_to_noise(mean, var)
+    assert host.dtype == np.float64 and host.tolist() == [1.0, 0.0, np.inf, np.inf, 0.5]
+    traced = jax.jit(snr.signal_to_noise)(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(traced), host)
+    m = snr.Moments(9, mean, var * 8)
+    t_host = snr.paired_t(m)
+    assert t_host.tolist() == [3.0, 0.0, np.inf, -np.inf, 1.5]  # a constant nonzero difference keeps its sign
+    t_graph = jax.jit(lambda mu, m2: snr.paired_t(snr.Moments(9, mu, m2)))(jnp.asarray(mean), jnp.asarray(var * 8))
+    np.testing.assert_array_equal(np.asarray(t_graph), t_host)
+    # in-graph moments equal numpy's, and merging two halves on the host equals the whole
+    g = np.random.default_rng(1).normal(size=(12, 3))
+    whole = snr.replicate_moments(jnp.asarray(g))
+    np.testing.assert_allclose(whole.variance, g.var(0, ddof=1), rtol=1e-5)
+    halves = snr.Moments(6, g[:6].mean(0), ((g[:6] - g[:6].mean(0)) ** 2).sum(0)).merge(
+        snr.Moments(6, g[6:].mean(0), ((g[6:] - g[6:].mean(0)) ** 2).sum(0)))
+    np.testing.assert_allclose(halves.m2, np.asarray(whole.m2), rtol=1e-5)
+
+
+def test_gradient_snr_of_an_unused_parameter_is_zero():
+    """An element whose gradient is identically zero has no signal: 0, as snr.signal_to_noise (not nan)."""
+    def loss(p, rng, x):
+        return jnp.sum(p["used"] * jax.random.normal(rng, (2,))) + 0.0 * jnp.sum(p["unused"]), {}
+
+    params = {"used": jnp.ones(2), "unused": jnp.ones(3)}
+    got = je.gradient_snr(loss, params, jax.random.key(0), None, num_replicates=20)
+    np.testing.assert_array_equal(got["unused"], 0.0)
+    assert np.all(np.asarray(got["used"]) > 0)
+
+
+def test_one_mesh_builder():
+    """The replicate mesh and the app's data mesh come from the same builder."""
+    from jaxelbo.app import sharding
+
+    assert snr.replicate_mesh(None) is None and snr.replicate_mesh(False) is None  # one CPU device here
+    mesh = snr.device_mesh(snr.REPLICATE_AXIS)
+    assert mesh.axis_names == ("replicates",) and mesh.devices.size == jax.device_count()
+    assert snr.replicate_mesh(mesh) is mesh
+    data = sharding.data_mesh()
+    assert data.axis_names == ("data",) and data.axis_types == mesh.axis_types
+    keys = jax.random.split(jax.random.key(0), 4)
+    assert snr.shard_replicates(keys, mesh).shape == (4,)

@@ -111,7 +111,7 @@ def test_discrete_latents_work_with_score_function_estimators(objective, estimat
 
 SHARDED = """
 import jax, jax.numpy as jnp, numpy as np, jaxelbo as je
-from jaxelbo.diagnostics import _replicate_keys
+from jaxelbo import snr
 from jaxelbo.models import linear_gaussian as lg
 assert jax.device_count() == 4
 params = lg.optimal_params(jnp.zeros(3))
@@ -119,7 +119,8 @@ params["guide"]["b"] = params["guide"]["b"] + 0.5
 x = jnp.ones((2, 3))
 a = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="dreg")
 b = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="stl")
-assert len(_replicate_keys(jax.random.key(0), 400).sharding.device_set) == 4
+assert len(snr.shard_replicates(jax.random.split(jax.random.key(0), 400)).sharding.device_set) == 4
+assert snr.shard_replicates(jax.random.split(jax.random.key(0), 402)).sharding.device_set == {jax.devices()[0]}
 test = jax.jit(lambda p: je.paired_bias_test(a, b, p, jax.random.key(0), x, num_replicates=400))(params)
 np.save("t.npy", np.concatenate([np.ravel(t) for t in jax.tree.leaves(test.t)]))
 """

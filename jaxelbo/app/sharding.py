@@ -92,9 +92,9 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     jaxelbo splits inside the loss are then sharded like the batch without any change
     to the core.
     """
-    devices = jax.devices() if num_devices is None else jax.devices()[: int(num_devices)]
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    from jaxelbo.snr import device_mesh  # the core's one mesh builder
+
+    return device_mesh(DATA_AXIS, num_devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

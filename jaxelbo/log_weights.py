@@ -165,6 +165,15 @@ def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
 
 
 def leave_one_out_mean(log_weights: jax.Array) -> jax.Array:
-    """``mean_{j != k} log w~_j`` for every k, along the last axis (K >= 2)."""
+    """``mean_{j != k} log w~_j`` for every k, along the last axis (K >= 2).
+
+    A zero weight (``log w~_j = -inf``, a zero-probability state) makes the mean of every
+    set that holds it ``-inf`` and leaves the others finite, with finite gradients:
+    ``-inf`` is summed as 0 and counted apart, never subtracted from itself.
+    """
     k = log_weights.shape[-1]
-    return (jnp.sum(log_weights, axis=-1, keepdims=True) - log_weights) / (k - 1)
+    zero = jnp.isneginf(log_weights)
+    finite = jnp.where(zero, jnp.zeros_like(log_weights), log_weights)
+    mean = (jnp.sum(finite, axis=-1, keepdims=True) - finite) / (k - 1)
+    zeros_elsewhere = jnp.sum(zero, axis=-1, keepdims=True, dtype=jnp.int32) - zero.astype(jnp.int32) > 0
+    return jnp.where(zeros_elsewhere, -jnp.inf, mean)

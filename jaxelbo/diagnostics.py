@@ -229,7 +229,7 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
 # --------------------------------------------------------------------------------------
 
 
-def _fits(model: Model, guide: Guide, params: dict, rng: jax.Array, x_batch: PyTree) -> Exception | None:
+def _fits(model: Model, guide: Guide, params: PyTree, rng: jax.Array, x_batch: PyTree) -> Exception | None:
     """``None`` when ``x_batch`` passes :func:`check_inputs` as a batch, else the error."""
     try:
         check_inputs(model, guide, params, rng, x_batch)
@@ -238,9 +238,9 @@ def _fits(model: Model, guide: Guide, params: dict, rng: jax.Array, x_batch: PyT
     return None
 
 
-def importance_resample(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
-                        num_samples: int, num_draws: int, batched: bool | None = None) -> PyTree:
-    r"""Draws from the implicit IWAE posterior ``q_IW`` for a batch ``x`` (or one example).
+def importance_resample(model: Model, guide: Guide, params: PyTree, rng: jax.Array, x: PyTree, *,
+                        num_samples: int, num_draws: int, batched: bool = False) -> PyTree:
+    r"""Draws from the implicit IWAE posterior ``q_IW`` for one example ``x`` (or a batch).
 
     Each draw samples ``z_1..z_K ~ q(z|x)`` and returns ``z_j`` with probability
     ``w_j = softmax(log w~)_j`` (sampling-importance-resampling). Cremer, Morris &
@@ -250,42 +250,44 @@ def importance_resample(model: Model, guide: Guide, params: dict, rng: jax.Array
     Args:
       model, guide, params: as for the objectives.
       rng: a PRNG key.
-      x: a batch with a leading axis B, as for :func:`log_likelihood`; or one example.
+      x: one example (default), whatever its shape; with ``batched=True``, a batch with
+        a leading axis B, as for :func:`log_likelihood`.
       num_samples: K, the proposals per draw.
       num_draws: N, the draws per example.
-      batched: ``True``: ``x`` is a batch; ``False``: ``x`` is one example; ``None``
-        (default): decided from the shapes the model and guide accept, and an error
-        when ``x`` fits both readings.
+      batched: ``False`` (default): ``x`` is one example, even when its shape would
+        also read as a batch; ``True``: ``x`` is a batch and every row gets its draws.
 
     Returns:
-      For a batch, leaves shaped ``(B, num_draws, *z)``; for one example,
-      ``(num_draws, *z)``.
+      For one example, leaves shaped ``(num_draws, *z)``; with ``batched=True``,
+      ``(B, num_draws, *z)``. With the same ``rng``, ``x`` gives the draws that
+      ``x[None]`` gives with ``batched=True``, without the leading 1.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je
       >>> lg = je.models.linear_gaussian
       >>> params = lg.optimal_params(jnp.zeros(2))
       >>> x = jnp.ones((5, 2))
-      >>> je.importance_resample(lg.model(), lg.guide(), params, jax.random.key(0), x,
+      >>> je.importance_resample(lg.model(), lg.guide(), params, jax.random.key(0), x[0],
       ...                        num_samples=16, num_draws=100).shape
+      (100, 2)
+      >>> je.importance_resample(lg.model(), lg.guide(), params, jax.random.key(0), x,
+      ...                        num_samples=16, num_draws=100, batched=True).shape
       (5, 100, 2)
     """
     num_samples = check_count("num_samples", num_samples)
     num_draws = check_count("num_draws", num_draws)
-    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
-    if batched is None:
-        as_batch = _fits(model, guide, params, rng, x)
-        as_one = _fits(model, guide, params, rng, one)
-        if as_batch is None and as_one is None:
-            raise ValueError("importance_resample: x fits both a batch with a leading axis B and one example; "
-                             "pass batched=True (returns (B, num_draws, ...)) or batched=False "
-                             "(returns (num_draws, ...))")
-        if as_batch is not None and as_one is not None:
-            raise ValueError(f"importance_resample: x is neither a batch with a leading axis B nor one "
-                             f"example; as a batch: {as_batch}") from as_batch
-        batched = as_batch is None
-    x_batch = x if batched else one
-    check_inputs(model, guide, params, rng, x_batch)
+    if not isinstance(batched, bool):
+        raise TypeError(f"importance_resample: batched must be True or False, got {batched!r}")
+    x_batch = x if batched else jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+    problem = _fits(model, guide, params, rng, x_batch)
+    if problem is not None:
+        if not batched and _fits(model, guide, params, rng, x) is None:
+            raise ValueError(f"importance_resample: x is not one example ({problem}); it fits a batch with a "
+                             f"leading axis B: pass batched=True (returns (B, num_draws, ...))") from problem
+        if not batched:
+            raise type(problem)(f"importance_resample: x is taken as one example (batched=True takes a batch) and "
+                                f"the guide or model refuse it: {problem}") from problem
+        raise problem
     batch = batch_size_of(x_batch)
 
     def one_draw(key):  # one draw for every example: leaves (B, *z)

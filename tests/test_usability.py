@@ -1,5 +1,5 @@
-"""What a new user meets first: batch-shaped importance resampling, --version and --help, py.typed,
-and the data-file messages."""
+"""What a new user meets first: importance resampling of one example or a batch, --version and --help,
+py.typed, and the data-file messages."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_importance_resample_takes_a_batch_and_each_row_targets_its_own_posterio
     params = off_params()
     x = lg.sample_data(jax.random.key(7), MU, 4)
     draws = jax.jit(lambda p: je.importance_resample(MODEL, GUIDE, p, jax.random.key(1), x, num_samples=100,
-                                                     num_draws=2000))(params)
+                                                     num_draws=2000, batched=True))(params)
     chex.assert_shape(draws, (4, 2000, 3))
     post_mean = jax.vmap(lambda xb: lg.posterior(params["model"], xb)[0])(x)
     guide_mean = x @ params["guide"]["A"].T + params["guide"]["b"]
@@ -44,18 +44,34 @@ def test_importance_resample_takes_a_batch_and_each_row_targets_its_own_posterio
     chex.assert_shape(one, (5, 3))
 
 
-def test_importance_resample_refuses_an_ambiguous_x_and_names_both_readings():
+@pytest.mark.slow  # three programs and four refusals (~10 s; 37 s under load)
+def test_importance_resample_takes_x_as_one_example_whatever_its_shape():
+    """The documented call: x is one example even when its shape also reads as a batch."""
     params = off_params()
-    square = jnp.ones((3, 3))  # a batch of three 3-vectors, or (for this guide) one 3x3 example
-    with pytest.raises(ValueError, match="fits both a batch .* and one example; pass batched=True"):
-        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2)
-    resample = jax.jit(je.importance_resample, static_argnums=(0, 1), static_argnames=("num_samples", "num_draws",
-                                                                                    "batched"))
-    chex.assert_shape(resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2,
-                               batched=True), (3, 2, 3))
-    with pytest.raises(ValueError, match="neither a batch with a leading axis B nor one example"):
+    square = jnp.ones((3, 3)) * jnp.array([0.5, -1.0, 2.0])  # a batch of three 3-vectors, or one 3x3 example
+    resample = jax.jit(je.importance_resample, static_argnums=(0, 1),
+                       static_argnames=("num_samples", "num_draws", "batched"))
+    one = resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2)
+    chex.assert_shape(one, (2, 3, 3))  # (num_draws, *z) with z = A x + b + s eps of shape (3, 3)
+    # the one-example reading is x[None] as a batch of one, on the same key
+    as_batch_of_one = resample(MODEL, GUIDE, params, jax.random.key(0), square[None], num_samples=4, num_draws=2,
+                               batched=True)
+    np.testing.assert_array_equal(one, as_batch_of_one[0])
+    rows = resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2, batched=True)
+    chex.assert_shape(rows, (3, 2, 3))
+    # a batch that is not one example: the error says so and names batched=True
+    with pytest.raises(ValueError, match="not one example .* fits a batch .* pass batched=True"):
+        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), jnp.ones((4, 3)), num_samples=4,
+                               num_draws=2)
+    with pytest.raises(ValueError, match="taken as one example .* refuse it"):
         je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), jnp.ones((2, 5)), num_samples=4,
                                num_draws=2)
+    with pytest.raises(ValueError, match="is x a batch with a leading axis B"):
+        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), jnp.ones((2, 5)), num_samples=4,
+                               num_draws=2, batched=True)
+    with pytest.raises(TypeError, match="batched must be True or False"):
+        je.importance_resample(MODEL, GUIDE, params, jax.random.key(0), square, num_samples=4, num_draws=2,
+                               batched=None)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

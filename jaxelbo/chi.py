@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 
+from jaxelbo import registry
 from jaxelbo._validation import check_count, check_model_guide, check_real
 from jaxelbo.objectives import renyi
 from jaxelbo.types import Guide, LossFn, Model, PyTree
@@ -105,3 +106,7 @@ def cubo(model: Model, guide: Guide, *, num_samples: int, n: float = 2.0,
     loss_fn.__name__ = f"cubo_{estimator}_loss"
     loss_fn.__doc__ = f"+mean CUBO_{n:g} estimate (minimised); gradient: {estimator} estimator. Returns (loss, aux)."
     return loss_fn
+
+
+# An upper bound: registry.direction("cubo") == "upper", so the loss is +mean(aux["bound"]).
+registry.register("cubo", cubo, estimators=CUBO_ESTIMATORS, keywords={"n": 2.0}, direction="upper")

@@ -7,7 +7,10 @@ One entry per objective (an :class:`ObjectiveSpec`) says
   (MIWAE, PIWAE), and so how a budget of ``num_samples`` draws per example becomes its
   keyword arguments (:func:`split_budget`: one rule for the command line, the benchmarks,
   the tests and the notebooks);
-* its extra keywords (``beta``, ``alpha``) and their defaults.
+* its extra keywords (``beta``, ``alpha``) and their defaults;
+* the direction of its bound (:func:`direction`): ``"lower"`` (``<= log p(x)``, maximised:
+  ``loss == -mean(aux["bound"])``) or ``"upper"`` (``>= log p(x)``, minimised:
+  ``loss == +mean(aux["bound"])``, e.g. CUBO and the right-hand TVO sum).
 
 :data:`OBJECTIVES` (``je.OBJECTIVES``) is the table ``{name: estimators}`` read from it, and
 :func:`check_estimator` words every unsupported pair the same way. The built-in objectives
@@ -29,6 +32,8 @@ Example:
   {'num_samples': 64, 'beta': 0.5}
   >>> je.OBJECTIVES["piwae"]
   ('reparam', 'dreg')
+  >>> registry.direction("cubo"), registry.direction("tvo", {"integration": "right"})
+  ('upper', 'upper')
   >>> registry.check_estimator("elbo", "dreg")
   Traceback (most recent call last):
   ...
@@ -57,6 +62,9 @@ class ObjectiveSpec(NamedTuple):
       nested: True when the constructor takes ``num_outer`` and ``num_inner`` (a budget of
         ``num_outer * num_inner`` samples) instead of ``num_samples``.
       keywords: its extra keyword arguments and their defaults (e.g. ``{"beta": 0.5}``).
+      direction: ``"lower"`` or ``"upper"``, the side of ``log p(x)`` its bound lies on, or a
+        function of the constructor's keywords that returns one (TVO: its ``integration``);
+        read it with :func:`direction`.
     """
 
     name: str
@@ -64,13 +72,18 @@ class ObjectiveSpec(NamedTuple):
     estimators: tuple[str, ...]
     nested: bool = False
     keywords: Mapping[str, Any] = MappingProxyType({})
+    direction: str | Callable[[Mapping[str, Any]], str] = "lower"
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
+#: The two sides of ``log p(x)`` a bound can lie on.
+DIRECTIONS = ("lower", "upper")
+
 
 def register(name: str, constructor: Callable[..., LossFn], *, estimators: Iterable[str],
              nested: bool = False, keywords: Mapping[str, Any] | None = None,
+             direction: str | Callable[[Mapping[str, Any]], str] = "lower",
              replace: bool = False) -> ObjectiveSpec:
     """Add an objective to the registry (``replace=True`` to redefine an existing name).
 
@@ -80,6 +93,9 @@ def register(name: str, constructor: Callable[..., LossFn], *, estimators: Itera
       estimators: the estimators it supports; each must be one of ``je.ESTIMATORS``.
       nested: the budget splits as ``num_outer x num_inner`` (see :func:`split_budget`).
       keywords: extra keyword arguments and the defaults :func:`make` uses.
+      direction: ``"lower"`` (default: a lower bound on ``log p(x)``, and the loss is minus
+        the mean bound) or ``"upper"`` (an upper bound, minimised: the loss is plus the mean
+        bound), or a function of the keywords that returns one of them.
 
     Returns:
       the registered :class:`ObjectiveSpec`.
@@ -93,7 +109,11 @@ def register(name: str, constructor: Callable[..., LossFn], *, estimators: Itera
     if not estimators or unknown:
         raise ValueError(f"objective {name!r}: estimators must be a non-empty subset of "
                          f"{', '.join(ESTIMATORS)}, got {estimators}")
-    spec = ObjectiveSpec(name, constructor, estimators, bool(nested), MappingProxyType(dict(keywords or {})))
+    if not callable(direction) and direction not in DIRECTIONS:
+        raise ValueError(f"objective {name!r}: direction must be one of {', '.join(DIRECTIONS)} or a function "
+                         f"of the keywords, got {direction!r}")
+    spec = ObjectiveSpec(name, constructor, estimators, bool(nested), MappingProxyType(dict(keywords or {})),
+                         direction)
     _REGISTRY[name] = spec
     return spec
 
@@ -108,6 +128,32 @@ def get(name: str) -> ObjectiveSpec:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid choices: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def direction(objective: str, keywords: Mapping[str, Any] | None = None) -> str:
+    """``"lower"`` or ``"upper"``: which side of ``log p(x)`` the bound of ``objective`` lies on.
+
+    A lower bound is maximised (``loss == -mean(aux["bound"])``), an upper bound minimised
+    (``loss == +mean(aux["bound"])``). ``keywords`` are the constructor's (missing ones take
+    the registered defaults); they matter for TVO, whose right-hand sum is an upper bound.
+
+    Example:
+      >>> direction("iwae"), direction("tvo"), direction("tvo", {"integration": "right"})
+      ('lower', 'lower', 'upper')
+    """
+    spec = get(objective)
+    if not callable(spec.direction):
+        return spec.direction
+    side = spec.direction({**spec.keywords, **{k: v for k, v in (keywords or {}).items() if v is not None}})
+    if side not in DIRECTIONS:
+        raise ValueError(f"objective {objective!r}: its direction function returned {side!r}, "
+                         f"not one of {', '.join(DIRECTIONS)}")
+    return side
+
+
+def loss_sign(objective: str, keywords: Mapping[str, Any] | None = None) -> float:
+    """``-1.0`` for a lower bound, ``+1.0`` for an upper one: ``loss == sign * mean(aux["bound"])``."""
+    return -1.0 if direction(objective, keywords) == "lower" else 1.0
 
 
 def _unsupported(objective: str, estimators: Iterable[str]) -> ValueError:

@@ -27,16 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxelbo import estimators as est
+from jaxelbo import registry
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
 from jaxelbo.log_weights import batch_size_of, effective_sample_size, sample_and_log_weights, sample_keys
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, LossFn, Model, PyTree
 
-__all__ = ["TVO_ESTIMATORS", "log_uniform_partition", "tvo", "tvo_bound"]
+__all__ = ["PARTITION_SCHEDULES", "TVO_ESTIMATORS", "log_uniform_partition", "moment_partition", "tvo", "tvo_bound",
+           "tvo_moments"]
 
 #: The estimators of :func:`tvo`: the paper's covariance gradient (``score``) and ``reparam``.
 TVO_ESTIMATORS = ("score", "reparam")
 _INTEGRATIONS = ("left", "right")
+#: The adaptive schedules ``partition`` may name (besides an explicit array, or None: log-uniform).
+PARTITION_SCHEDULES = ("moments",)
 
 
 def log_uniform_partition(num_partitions: int, log_beta_min: float) -> np.ndarray:
@@ -67,6 +71,43 @@ def _check_partition(partition) -> np.ndarray:
     return p
 
 
+def _along_last(v: jax.Array, ndim: int) -> jax.Array:
+    """A vector ``(S,)`` shaped ``(1, ..., 1, S)`` to broadcast against an array of rank ``ndim``."""
+    return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
+
+
+def tvo_moments(log_weights: jax.Array, betas) -> jax.Array:
+    r"""``E_{pi_beta}[log w~]`` at each ``beta``, self-normalised from the same K draws.
+
+    .. math:: \hat\eta(\beta) = \sum_k \mathrm{softmax}(\beta \log \tilde w)_k \log \tilde w_k ,
+
+    non-decreasing in ``beta`` (its derivative is the self-normalised variance of ``log w~``).
+
+    Args:
+      log_weights: ``(..., K)`` log-weights.
+      betas: ``(S,)`` temperatures in ``[0, 1]``.
+
+    Returns:
+      ``(..., S)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lw = jnp.array([[-1.0, -3.0]])
+      >>> [round(float(v), 4) for v in tvo_moments(lw, jnp.array([0.0, 1.0]))[0]]
+      [-2.0, -1.2384]
+    """
+    b = jnp.asarray(betas, log_weights.dtype)
+    lw = log_weights[..., None, :]                                             # (..., 1, K)
+    scaled = jnp.reshape(b, (1,) * (log_weights.ndim - 1) + (-1, 1)) * lw      # (..., S, K)
+    return jnp.sum(jax.nn.softmax(scaled, axis=-1) * lw, axis=-1)
+
+
+def _riemann(log_weights: jax.Array, partition: jax.Array, integration: str) -> tuple[jax.Array, jax.Array]:
+    """``(widths, betas)`` of the partition's intervals, ends chosen by ``integration``."""
+    betas = partition[:-1] if integration == "left" else partition[1:]
+    return jnp.diff(partition).astype(log_weights.dtype), betas
+
+
 def tvo_bound(log_weights: jax.Array, partition, integration: str = "left") -> jax.Array:
     r"""The Riemann sum of ``E_{pi_beta}[log w~]`` over ``partition``, along the last axis.
 
@@ -74,35 +115,104 @@ def tvo_bound(log_weights: jax.Array, partition, integration: str = "left") -> j
 
     with ``beta_j`` the left (``integration="left"``) or right end of interval j.
 
+    Args:
+      log_weights: ``(..., K)`` log-weights.
+      partition: ``0 = beta_0 < ... < beta_S = 1`` (checked when it is concrete; a traced
+        one, e.g. :func:`moment_partition`'s, is taken as given).
+      integration: ``"left"`` (a lower bound) or ``"right"`` (an upper bound).
+
+    Returns:
+      ``(...)``: one sum per row of ``log_weights``.
+
     Example:
       >>> import jax.numpy as jnp
       >>> lw = jnp.array([[-1.0, -2.0, -4.0]])
       >>> float(tvo_bound(lw, [0.0, 1.0])[0]) == float(jnp.mean(lw))   # one interval: the ELBO
       True
     """
-    p = _check_partition(partition)
     if integration not in _INTEGRATIONS:
         raise ValueError(f"integration must be one of {', '.join(_INTEGRATIONS)}, got {integration!r}")
-    betas = p[:-1] if integration == "left" else p[1:]
-    widths = jnp.asarray(np.diff(p), log_weights.dtype)
-    b = jnp.asarray(betas, log_weights.dtype)
-    pi = jax.nn.softmax(b[:, None] * log_weights[..., None, :], axis=-1)     # (..., S, K)
-    means = jnp.sum(pi * log_weights[..., None, :], axis=-1)                 # (..., S)
-    return jnp.sum(widths * means, axis=-1)
+    if isinstance(partition, jax.core.Tracer):
+        part = jnp.asarray(partition, log_weights.dtype)
+    else:
+        part = jnp.asarray(_check_partition(partition), log_weights.dtype)
+    widths, betas = _riemann(log_weights, part, integration)
+    return jnp.sum(_along_last(widths, log_weights.ndim) * tvo_moments(log_weights, betas), axis=-1)
 
 
-def _covariance_term(log_weights: jax.Array, log_q: jax.Array, partition: np.ndarray,
+def moment_partition(log_weights: jax.Array, num_partitions: int, *, num_iterations: int = 40) -> jax.Array:
+    r"""The moment-spacing schedule (Brekelmans et al. 2020): betas whose moments are evenly spaced.
+
+    With ``eta(beta) = E_{pi_beta}[log w~]`` (non-decreasing, :func:`tvo_moments`) averaged
+    over the batch, the points ``beta_j`` solve
+
+    .. math:: \bar\eta(\beta_j) = \bar\eta(0) + \tfrac{j}{S}\,\big(\bar\eta(1) - \bar\eta(0)\big),
+       \qquad j = 1, \dots, S - 1,
+
+    by bisection on ``[0, 1]`` (``num_iterations`` halvings, all j at once), with
+    ``beta_0 = 0`` and ``beta_S = 1``. The schedule puts its points where the integrand
+    climbs, so each interval carries the same share of ``eta(1) - eta(0)`` (the gap
+    ``TVO_U - TVO_L`` then splits evenly in height). It is non-decreasing; points may
+    coincide where ``eta`` is flat (e.g. at the exact posterior, where all log-weights are
+    equal), and such zero-width intervals add nothing to the sums. No gradient flows
+    through it.
+
+    Args:
+      log_weights: ``(B, K)`` (or ``(K,)``) log-weights; the schedule is one for the batch.
+      num_partitions: S >= 1 intervals (S + 1 points).
+      num_iterations: bisection steps (default 40: below float32 resolution).
+
+    Returns:
+      ``(S + 1,)`` partition, ``0 = beta_0 <= ... <= beta_S = 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lw = jnp.array([[0.0, -1.0, -2.0, -6.0]])
+      >>> part = moment_partition(lw, 4)
+      >>> float(part[0]), float(part[-1]), bool(jnp.all(jnp.diff(part) >= 0))
+      (0.0, 1.0, True)
+
+    References:
+      Brekelmans, Masrani, Wood, Ver Steeg & Galstyan (2020). All in the exponential family:
+      Bregman duality in thermodynamic variational inference. ICML. arXiv:2007.00642.
+    """
+    s = check_count("num_partitions", num_partitions)
+    n_iter = check_count("num_iterations", num_iterations)
+    lw = jax.lax.stop_gradient(jnp.asarray(log_weights))
+    lw2 = lw.reshape(-1, lw.shape[-1])
+
+    def eta(betas: jax.Array) -> jax.Array:  # (S - 1,) -> (S - 1,), batch-mean moments
+        return jnp.mean(tvo_moments(lw2, betas), axis=0)
+
+    ends = eta(jnp.array([0.0, 1.0], lw.dtype))
+    if s == 1:
+        return jnp.array([0.0, 1.0], lw.dtype)
+    frac = jnp.arange(1, s, dtype=lw.dtype) / s
+    targets = ends[0] + frac * (ends[1] - ends[0])
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        below = eta(mid) < targets
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, n_iter, halve, (jnp.zeros(s - 1, lw.dtype), jnp.ones(s - 1, lw.dtype)))
+    inner = jax.lax.cummax(0.5 * (lo + hi), axis=0)  # monotone already; guards float ties
+    return jnp.concatenate([jnp.zeros(1, lw.dtype), inner, jnp.ones(1, lw.dtype)])
+
+
+def _covariance_term(log_weights: jax.Array, log_q: jax.Array, partition: jax.Array,
                      integration: str) -> jax.Array:
     """``sum_j Delta_j sum_k sg(pi_jk (log w~_k - E_j)) log q_k``: the sampling part of the
     covariance gradient, zero in value."""
     sg = jax.lax.stop_gradient
     lw = sg(log_weights)
-    betas = partition[:-1] if integration == "left" else partition[1:]
-    widths = jnp.asarray(np.diff(partition), lw.dtype)
-    b = jnp.asarray(betas, lw.dtype)
-    pi = jax.nn.softmax(b[:, None] * lw[..., None, :], axis=-1)               # (B, S, K)
+    widths, betas = _riemann(lw, partition, integration)
+    b = jnp.reshape(betas.astype(lw.dtype), (1,) * (lw.ndim - 1) + (-1, 1))
+    pi = jax.nn.softmax(b * lw[..., None, :], axis=-1)                        # (B, S, K)
     centred = lw[..., None, :] - jnp.sum(pi * lw[..., None, :], axis=-1, keepdims=True)
-    coef = jnp.sum(widths[:, None] * pi * centred, axis=-2)                   # (B, K)
+    w = jnp.reshape(widths, (1,) * (lw.ndim - 1) + (-1, 1))
+    coef = jnp.sum(w * pi * centred, axis=-2)                                 # (B, K)
     return jnp.sum(coef * (log_q - sg(log_q)), axis=-1)
 
 
@@ -137,8 +247,11 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``.
       num_samples: K >= 1 draws per example, shared by every beta.
       partition: an explicit partition ``0 = beta_0 < ... < beta_S = 1``, both ends included
-        (overrides ``num_partitions`` and ``log_beta_min``).
-      num_partitions: S, the number of intervals of the log-uniform schedule (default 10).
+        (overrides ``num_partitions`` and ``log_beta_min``); ``"moments"``: the
+        moment-spacing schedule of Brekelmans et al. (2020), :func:`moment_partition` of
+        ``num_partitions`` intervals, recomputed at every call from the batch's log-weights
+        (no gradient flows through it); None (default): the log-uniform schedule.
+      num_partitions: S, the number of intervals of the log-uniform or moments schedule (default 10).
       log_beta_min: ``log10 beta_1`` of the log-uniform schedule (default -1.09).
       integration: ``"left"`` (default, ``TVO_L``) or ``"right"`` (``TVO_U``).
       estimator: ``score`` (default, the covariance gradient) or ``reparam``.
@@ -162,13 +275,22 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
     References:
       Masrani, Le & Wood (2019). The thermodynamic variational objective. NeurIPS.
       arXiv:1907.00031.
+      Brekelmans, Masrani, Wood, Ver Steeg & Galstyan (2020). All in the exponential family:
+      Bregman duality in thermodynamic variational inference. ICML. arXiv:2007.00642.
     """
     check_model_guide(model, guide)
     k = check_count("num_samples", num_samples)
-    if partition is None:
-        part = log_uniform_partition(num_partitions, log_beta_min)
+    adaptive = isinstance(partition, str)
+    if adaptive and partition not in PARTITION_SCHEDULES:
+        raise ValueError(f"tvo: partition must be an array, None (log-uniform) or one of "
+                         f"{', '.join(PARTITION_SCHEDULES)}, got {partition!r}")
+    if adaptive:
+        num_adaptive = check_count("num_partitions", num_partitions)
+        fixed = None
+    elif partition is None:
+        fixed = log_uniform_partition(num_partitions, log_beta_min)
     else:
-        part = _check_partition(partition)
+        fixed = _check_partition(partition)
     if integration not in _INTEGRATIONS:
         raise ValueError(f"tvo: integration must be one of {', '.join(_INTEGRATIONS)}, got {integration!r}")
     if not isinstance(estimator, str) or estimator not in TVO_ESTIMATORS:
@@ -176,8 +298,15 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
                          f"valid choices for tvo: {', '.join(TVO_ESTIMATORS)}")
     sign = -1.0 if integration == "left" else 1.0
 
+    def partition_of(lw: jax.Array) -> jax.Array:
+        if fixed is None:  # the moment-spacing schedule of this batch's (stopped) log-weights
+            return moment_partition(lw, num_adaptive)
+        return jnp.asarray(fixed, lw.dtype)
+
     def bound_fn(lw: jax.Array) -> jax.Array:
-        return tvo_bound(lw, part, integration)
+        part = partition_of(lw)
+        widths, betas = _riemann(lw, part, integration)
+        return jnp.sum(_along_last(widths, lw.ndim) * tvo_moments(lw, betas), axis=-1)
 
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
         check_inputs(model, guide, params, rng, x)
@@ -185,15 +314,17 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
             value, log_w = est.pathwise_surrogate(model, guide, params, rng, x, sample_shape=(k,),
                                                   bound_fn=bound_fn, estimator="reparam")
             surrogate = value
+            part = partition_of(jax.lax.stop_gradient(log_w))
         else:
             keys = sample_keys(rng, batch_size_of(x), k)
             _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x, stop_z=True)
             log_w = log_p - log_q
+            part = partition_of(jax.lax.stop_gradient(log_w))
             value = bound_fn(log_w)
             surrogate = value + _covariance_term(log_w, log_q, part, integration)
         log_w = jax.lax.stop_gradient(log_w)
         aux = {"bound": jax.lax.stop_gradient(value), "log_weights": log_w,
-               "ess": effective_sample_size(log_w, axis=-1), "partition": jnp.asarray(part, log_w.dtype)}
+               "ess": effective_sample_size(log_w, axis=-1), "partition": part}
         if psis_tail_size(k) >= 5:
             aux["khat"] = psis_khat(log_w)
         return sign * jnp.mean(surrogate), aux
@@ -201,3 +332,13 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
     loss_fn.__name__ = f"tvo_{integration}_{estimator}_loss"
     loss_fn.__doc__ = f"{'-' if sign < 0 else '+'}mean TVO ({integration}); gradient: {estimator}. Returns (loss, aux)."
     return loss_fn
+
+
+def _direction(keywords) -> str:
+    """TVO_L (``integration="left"``) is a lower bound, TVO_U (``"right"``) an upper one."""
+    return "lower" if keywords.get("integration", "left") == "left" else "upper"
+
+
+registry.register("tvo", tvo, estimators=TVO_ESTIMATORS,
+                  keywords={"num_partitions": 10, "log_beta_min": -1.09, "integration": "left", "partition": None},
+                  direction=_direction)

@@ -97,7 +97,10 @@ def test_conformance(objective, estimator, steps):
     chex.assert_shape(aux["log_weights"], lw_shape)
     chex.assert_trees_all_equal_structs(grads, PARAMS)
     chex.assert_tree_all_finite((loss, aux, grads))
-    np.testing.assert_allclose(loss, -jnp.mean(aux["bound"]), rtol=1e-6)
+    # a lower bound is maximised (loss = -mean bound), an upper bound (cubo) minimised (+mean bound)
+    sign = registry.loss_sign(objective)
+    assert sign == (1.0 if objective == "cubo" else -1.0)
+    np.testing.assert_allclose(loss, sign * jnp.mean(aux["bound"]), rtol=1e-6)
     assert np.all((aux["ess"] >= 1 - 1e-5) & (aux["ess"] <= lw_shape[-1] + 1e-4))
     # every estimator of an objective has the same value on the same noise
     (ref_loss, _), _ = steps(objective, je.OBJECTIVES[objective][0])(PARAMS, RNG, X)
@@ -142,6 +145,19 @@ def test_float64(objective, estimator, maybe_jit):
 
 
 # ------------------------------------------------------------------ value identities
+
+
+def test_upper_bounds_are_minimised():
+    """TVO's right sum is an upper bound: its loss is +mean bound; the left sum's is -mean bound."""
+    for integration, sign in (("left", -1.0), ("right", 1.0)):
+        assert registry.loss_sign("tvo", {"integration": integration}) == sign
+        loss, aux = make("tvo", "score", integration=integration)(PARAMS, RNG, X)
+        np.testing.assert_allclose(loss, sign * jnp.mean(aux["bound"]), rtol=1e-6)
+    left = make("tvo", "score")(PARAMS, RNG, X)[1]["bound"]
+    right = make("tvo", "score", integration="right")(PARAMS, RNG, X)[1]["bound"]
+    assert np.all(np.asarray(right) >= np.asarray(left))  # the integrand is non-decreasing in beta
+    with pytest.raises(ValueError, match="direction must be one of lower, upper"):
+        registry.register("sideways", je.iwae, estimators=("reparam",), direction="sideways")
 
 
 def test_iwae_with_one_sample_is_the_elbo():

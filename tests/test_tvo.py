@@ -155,3 +155,63 @@ def test_bad_settings_are_refused():
         je.tvo(MODEL, GUIDE, num_samples=4, integration="middle")
     with pytest.raises(ValueError, match="valid choices for tvo: score, reparam"):
         je.tvo(MODEL, GUIDE, num_samples=4, estimator="dreg")
+
+
+# ------------------------------------------------------------------ moment-spacing schedule
+
+
+@pytest.fixture(scope="module")
+def toy_log_weights():
+    return je.log_weights(MODEL, GUIDE, PARAMS, jax.random.key(11), X, num_samples=2000)
+
+
+def test_moment_partition_spaces_the_moments_evenly(toy_log_weights):
+    from jaxelbo.thermodynamic import moment_partition, tvo_moments
+
+    lw = toy_log_weights
+    s = 6
+    part = np.asarray(jax.jit(moment_partition, static_argnums=1)(lw, s))
+    assert part.shape == (s + 1,) and part[0] == 0.0 and part[-1] == 1.0
+    assert np.all(np.diff(part) > 0)
+    # on its own (self-normalised, batch-mean) curve the moments are evenly spaced
+    eta = np.asarray(jnp.mean(tvo_moments(lw, part), axis=0))
+    span = eta[-1] - eta[0]
+    np.testing.assert_allclose(np.diff(eta), span / s, rtol=0, atol=1e-4 * abs(span))
+    # negative control: the log-uniform schedule's moments are far from evenly spaced
+    eta_lu = np.asarray(jnp.mean(tvo_moments(lw, log_uniform_partition(s, -1.0)), axis=0))
+    assert np.max(np.abs(np.diff(eta_lu) - span / s)) > 0.05 * abs(span)  # 0.13 here
+    # against the closed form E_{pi_beta}[log w~] (K = 2000): evenly spaced to a few percent
+    exact = np.asarray(jnp.mean(_integrand(PARAMS, jnp.asarray(part)), axis=0))
+    np.testing.assert_allclose(np.diff(exact), (exact[-1] - exact[0]) / s, rtol=0,
+                               atol=0.05 * abs(exact[-1] - exact[0]))
+    # and the closed-form sums over it still bracket log p(x)
+    log_px = lg.log_marginal(PARAMS["model"], X)
+    assert np.all(exact_tvo(PARAMS, part) <= log_px) and np.all(log_px <= exact_tvo(PARAMS, part, "right"))
+
+
+def test_moment_partition_edge_cases():
+    from jaxelbo.thermodynamic import moment_partition
+
+    np.testing.assert_array_equal(moment_partition(jnp.zeros((2, 5)) - 1.0, 1), [0.0, 1.0])
+    flat = moment_partition(jnp.full((2, 5), -3.0), 4)  # equal weights: eta is flat, points collapse
+    assert flat[0] == 0.0 and flat[-1] == 1.0 and np.all(np.diff(flat) >= 0)
+    with pytest.raises(ValueError, match="partition must be an array, None"):
+        je.tvo(MODEL, GUIDE, num_samples=4, partition="linear")
+
+
+@pytest.mark.parametrize("estimator", ["score", "reparam"])
+def test_tvo_with_the_moments_schedule(estimator):
+    """The loss recomputes the schedule from its own log-weights; its value and gradient are those of
+    the same partition given explicitly (no gradient flows through the schedule)."""
+    from jaxelbo.thermodynamic import moment_partition
+
+    rng = jax.random.key(5)
+    adaptive = je.tvo(MODEL, GUIDE, num_samples=16, partition="moments", num_partitions=5, estimator=estimator)
+    (loss, aux), grad = jax.jit(jax.value_and_grad(adaptive, has_aux=True))(PARAMS, rng, X)
+    part = aux["partition"]
+    np.testing.assert_allclose(part, moment_partition(aux["log_weights"], 5), rtol=1e-6)
+    np.testing.assert_allclose(aux["bound"], tvo_bound(aux["log_weights"], np.asarray(part)), rtol=1e-5)
+    fixed = je.tvo(MODEL, GUIDE, num_samples=16, partition=np.asarray(part, np.float64), estimator=estimator)
+    (loss_f, _), grad_f = jax.jit(jax.value_and_grad(fixed, has_aux=True))(PARAMS, rng, X)
+    np.testing.assert_allclose(loss, loss_f, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, grad_f)

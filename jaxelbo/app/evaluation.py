@@ -15,6 +15,15 @@ Reports, as plain floats:
   stochastic layer) when the VAE's ``posterior_means`` is given;
 * ELBO surgery (Hoffman & Johnson 2016) via :func:`jaxelbo.elbo_surgery`:
   ``reconstruction``, ``index_code_mi``, ``marginal_kl``, ``avg_kl``;
+* ``cubo_2``: the chi upper bound ``CUBO_2 = 1/2 log E_q[w~^2]`` (Dieng et al. 2017,
+  :func:`jaxelbo.cubo`), estimated from the same K = 5000 draws as ``log_likelihood``
+  (:func:`log_likelihood_and_cubo`), and the *sandwich* (:func:`sandwich`):
+  ``ELBO <= IWAE_64 <= log p(x) <= CUBO_2``, with ``sandwich_log_likelihood`` the best
+  estimate of ``log p(x)`` (AIS when it was run, else IWAE-5000), ``sandwich_width``
+  ``= CUBO_2 - sandwich_log_likelihood`` (how far the upper side is from the best lower
+  estimate), ``sandwich_width_elbo`` ``= CUBO_2 - ELBO`` and ``sandwich_ordered`` (whether
+  the four numbers came out in order; the CUBO estimate is biased low, so it can fall below
+  the truth with heavy-tailed weights);
 * with ``method="ais"`` or ``"all"`` (:func:`evaluate_ais`): ``ais_log_likelihood`` (AIS,
   :func:`jaxelbo.ais_log_likelihood`) with its standard error, ``ais_minus_iwae`` (paired, per
   point), the amortisation and approximation gaps (:func:`jaxelbo.amortisation_gap`) and, with
@@ -23,6 +32,7 @@ Reports, as plain floats:
 
 References:
   Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
+  Dieng, Tran, Ranganath, Paisley & Blei (2017), arXiv:1611.00328 (CUBO and the sandwich).
   Wu, Burda, Salakhutdinov & Grosse (2017), arXiv:1611.04273 (AIS and BDMC for decoders).
   Cremer, Li & Duvenaud (2018), arXiv:1801.03558 (the amortisation gap).
   Hoffman & Johnson (2016), "ELBO surgery", NIPS workshop on Advances in Approximate
@@ -113,14 +123,16 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
       posterior_means: the VAE's ``(phi, rng, x) -> per-layer E_q[z_l | x]``; when given,
         active units are counted per stochastic layer (``active_units_per_layer``) and
         ``active_units`` is their sum (``encode`` is then not needed).
-      num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000); 0 skips it.
+      num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000) and of the
+        ``cubo_2`` estimate on the same draws; 0 skips both (and the sandwich).
       chunk_size: samples per chunk of the log-likelihood estimate.
       num_samples_iwae: K of the reported IWAE bound (and of the ELBO estimate).
       batch_size: examples per evaluation batch.
       surgery: compute the ELBO-surgery terms (O(N^2) guide evaluations).
       progress: show a tqdm bar over the points of the log-likelihood estimate (the
         slow part: about N x num_samples_ll decoder passes) and over the AIS steps.
-      method: ``iwae`` (IWAE-``num_samples_ll`` only), ``ais`` (AIS instead of it) or ``all``
+      method: ``iwae`` (IWAE-``num_samples_ll`` only), ``ais`` (AIS instead of it; the
+        ``num_samples_ll`` draws then give ``cubo_2`` only) or ``all``
         (both, their paired difference, the amortisation gap and, with ``bdmc_points``, BDMC);
         see :func:`evaluate_ais`.
       ais_steps, ais_chains: AIS temperatures and chains per point.
@@ -132,12 +144,11 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
     Returns:
       ``num_points`` (N), the IWAE bound and ELBO, ``log_likelihood`` with its standard
       error and ``log_likelihood_seconds`` (wall time of the estimate), active units and
-      the ELBO-surgery terms, as plain numbers.
+      the ELBO-surgery terms, ``cubo_2`` and the sandwich (:func:`sandwich`), as plain numbers.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "ais":
-        num_samples_ll = 0
+    report_iwae = method != "ais"  # with AIS alone, the K draws only give CUBO_2
     x = np.asarray(x)
     n = len(x)
     out: dict = {"num_points": n, "method": method}
@@ -160,27 +171,36 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
 
         ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, chunk_size)
         t0 = time.perf_counter()
-        lls = []
+        lls, cubos = [], []
         with tqdm(total=n, desc=f"log p(x), K={num_samples_ll}", unit="point", disable=not progress,
                   dynamic_ncols=True, mininterval=0.5) as bar:
             for i, xb in enumerate(_batches(x, batch_size)):
-                lls.append(np.asarray(ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i),
-                                            jnp.asarray(xb))))
+                a, c = ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i), jnp.asarray(xb))
+                lls.append(np.asarray(a))
+                cubos.append(np.asarray(c))
                 bar.update(len(xb))
-        ll = np.concatenate(lls)
-        out["log_likelihood_seconds"] = time.perf_counter() - t0
-        out["log_likelihood"] = float(ll.mean())
-        out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        out["log_likelihood_num_samples"] = int(num_samples_ll)
-        out["log_likelihood_seconds_per_1000_points"] = out["log_likelihood_seconds"] * 1000.0 / n
-        if keep_per_point:
-            out["log_likelihood_per_point"] = ll.tolist()
+        seconds = time.perf_counter() - t0
+        out["cubo_2"], out["cubo_2_stderr"] = _mean_and_stderr(np.concatenate(cubos))
+        out["cubo_2_num_samples"] = int(num_samples_ll)
+        if report_iwae:
+            ll = np.concatenate(lls)
+            out["log_likelihood_seconds"] = seconds
+            out["log_likelihood"] = float(ll.mean())
+            out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+            out["log_likelihood_num_samples"] = int(num_samples_ll)
+            out["log_likelihood_seconds_per_1000_points"] = out["log_likelihood_seconds"] * 1000.0 / n
+            if keep_per_point:
+                out["log_likelihood_per_point"] = ll.tolist()
+        else:
+            out["cubo_2_seconds"] = seconds
 
     if method in ("ais", "all"):
         out.update(evaluate_ais(model, guide, params, jax.random.fold_in(rng, 4), x, num_steps=ais_steps,
                                 num_chains=ais_chains, iwae=ll, bdmc_points=bdmc_points if method == "all" else 0,
                                 amortisation_steps=amortisation_steps if method == "all" else 0,
                                 progress=progress, keep_per_point=keep_per_point, **(ais_kwargs or {})))
+
+    out.update(sandwich(out, num_samples_iwae))
 
     if posterior_means is not None:
         counts = active_units_per_layer(posterior_means, params["guide"], jax.random.fold_in(rng, 3), x)
@@ -194,6 +214,80 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
             out[f"surgery_{field}"] = float(getattr(s, field))
         out["surgery_log_num_points"] = math.log(n)
     return out
+
+
+def sandwich(results: dict, num_samples_iwae: int = 64) -> dict:
+    """The sandwich ``ELBO <= IWAE_K <= log p(x) <= CUBO_2`` from :func:`evaluate`'s numbers.
+
+    ``log p(x)`` is the best estimate there is: ``ais_log_likelihood`` if AIS ran, else
+    ``log_likelihood`` (IWAE with K = 5000). Empty when ``cubo_2`` or both estimates of
+    ``log p(x)`` are missing (e.g. ``num_samples_ll = 0``).
+
+    Returns:
+      ``sandwich_log_likelihood`` and ``sandwich_log_likelihood_method`` (``"ais"`` or
+      ``"iwae_<K>"``), ``sandwich_width`` (``cubo_2 - sandwich_log_likelihood``),
+      ``sandwich_width_elbo`` (``cubo_2 - elbo``) and ``sandwich_ordered`` (the four in order).
+
+    Example:
+      >>> r = {"elbo": -3.0, "iwae_64": -2.5, "log_likelihood": -2.4, "log_likelihood_num_samples": 5000,
+      ...      "cubo_2": -2.1}
+      >>> s = sandwich(r)
+      >>> s["sandwich_log_likelihood_method"], round(s["sandwich_width"], 3), s["sandwich_ordered"]
+      ('iwae_5000', 0.3, True)
+    """
+    if "cubo_2" not in results:
+        return {}
+    if "ais_log_likelihood" in results:
+        lower, method = results["ais_log_likelihood"], "ais"
+    elif "log_likelihood" in results:
+        lower, method = results["log_likelihood"], f"iwae_{results.get('log_likelihood_num_samples', '')}"
+    else:
+        return {}
+    chain = [results["elbo"], results[f"iwae_{num_samples_iwae}"], lower, results["cubo_2"]]
+    return {"sandwich_log_likelihood": float(lower), "sandwich_log_likelihood_method": method,
+            "sandwich_width": float(results["cubo_2"] - lower),
+            "sandwich_width_elbo": float(results["cubo_2"] - results["elbo"]),
+            "sandwich_ordered": bool(all(a <= b for a, b in zip(chain, chain[1:], strict=False)))}
+
+
+def log_likelihood_and_cubo(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: jax.Array, *,
+                            num_samples: int = 5000, chunk_size: int = 500, n: float = 2.0
+                            ) -> tuple[jax.Array, jax.Array]:
+    r"""``(IWAE_K, CUBO_n)`` per example, from the same K draws, streamed in chunks.
+
+    .. math:: \widehat{\log p}(x) = \log \frac1K \sum_k \tilde w_k, \qquad
+       \widehat{\mathrm{CUBO}}_n(x) = \frac1n \log \frac1K \sum_k \tilde w_k^{\,n} .
+
+    The draws and chunks are those of :func:`jaxelbo.log_likelihood` (chunk ``i`` uses
+    ``fold_in(rng, i)``), so the first output is its estimate; per example
+    ``CUBO_n >= IWAE_K`` on the same draws (the power-mean inequality), and both are biased
+    low of their targets ``log p(x)`` and ``CUBO_n``.
+
+    Returns:
+      two ``(B,)`` arrays.
+    """
+    chunk = min(int(chunk_size), int(num_samples))
+    num_chunks = -(-int(num_samples) // chunk)
+
+    def stream(carry, lw):
+        m, s = carry
+        new_m = jnp.maximum(m, jnp.max(lw, axis=-1))
+        safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(lw - safe[:, None]), axis=-1)
+        return new_m, s
+
+    def body(carry, i):
+        lw = je.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
+        valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
+        one, power = carry
+        return (stream(one, jnp.where(valid, lw, -jnp.inf)), stream(power, jnp.where(valid, n * lw, -jnp.inf))), None
+
+    batch = x.shape[0]
+    dtype = jax.eval_shape(lambda: je.log_weights(model, guide, params, rng, x, num_samples=1)).dtype
+    init = (jnp.full((batch,), -jnp.inf, dtype), jnp.zeros((batch,), dtype))
+    ((m1, s1), (m2, s2)), _ = jax.lax.scan(body, (init, init), jnp.arange(num_chunks))
+    log_k = math.log(num_samples)
+    return m1 + jnp.log(s1) - log_k, (m2 + jnp.log(s2) - log_k) / n
 
 
 def _mean_and_stderr(v: np.ndarray) -> tuple[float, float]:
@@ -325,8 +419,8 @@ def _bounds_fn(model: je.Model, guide: je.Guide, num_samples: int):
 
 @functools.lru_cache(maxsize=32)
 def _log_likelihood_fn(model: je.Model, guide: je.Guide, num_samples: int, chunk_size: int):
-    return jax.jit(lambda params, rng, xb: je.log_likelihood(model, guide, params, rng, xb,
-                                                             num_samples=num_samples, chunk_size=chunk_size))
+    return jax.jit(lambda params, rng, xb: log_likelihood_and_cubo(model, guide, params, rng, xb,
+                                                                   num_samples=num_samples, chunk_size=chunk_size))
 
 
 @functools.lru_cache(maxsize=32)

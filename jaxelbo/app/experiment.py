@@ -56,6 +56,11 @@ class TrainSettings:
     num_outer: int | None = _setting(None, _COMPILE)
     beta: float | None = _setting(None, _COMPILE)
     alpha: float | None = _setting(None, _COMPILE)
+    n: float | None = _setting(None, _COMPILE)
+    num_partitions: int | None = _setting(None, _COMPILE)
+    log_beta_min: float | None = _setting(None, _COMPILE)
+    integration: str | None = _setting(None, _COMPILE)
+    partition: str | None = _setting(None, _COMPILE)
     steps: int = _setting(3000)
     batch_size: int = _setting(64, _RESUME)
     seed: int = _setting(0, _RESUME)
@@ -145,9 +150,23 @@ def validate(settings: TrainSettings | dict) -> None:
         rate = getattr(settings, key)
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {rate}")
-    for key in ("beta", "alpha"):
+    for key in ("beta", "alpha", "n", "log_beta_min"):
         if getattr(settings, key) is not None and not math.isfinite(getattr(settings, key)):
-            raise ValueError(f"--{key} must be finite, got {getattr(settings, key)}")
+            raise ValueError(f"--{key.replace('_', '-')} must be finite, got {getattr(settings, key)}")
+    if settings.n is not None and settings.n < 1:
+        raise ValueError(f"--n, the order of CUBO_n, must be >= 1 (an upper bound), got {settings.n}")
+    if settings.num_partitions is not None and int(settings.num_partitions) < 1:
+        raise ValueError(f"--num-partitions must be a positive integer, got {settings.num_partitions}")
+    if settings.log_beta_min is not None and settings.log_beta_min >= 0:
+        raise ValueError(f"--log-beta-min must be < 0 (beta_1 = 10^log_beta_min < 1), got {settings.log_beta_min}")
+    if settings.integration is not None and settings.integration not in ("left", "right"):
+        raise ValueError(f"--integration must be left or right, got {settings.integration!r}")
+    if settings.partition is not None:
+        from jaxelbo.thermodynamic import _check_partition
+
+        partition = parse_partition(settings.partition)
+        if not isinstance(partition, str):
+            _check_partition(partition)
     layers = settings.stochastic_layers
     if layers not in (1, 2):
         raise ValueError(f"--stochastic-layers must be 1 or 2, got {layers}")
@@ -166,22 +185,57 @@ def check_data(settings: TrainSettings, ds) -> None:
         raise ValueError(f"{ds.name} has no test images")
 
 
+def parse_partition(text: str | None) -> str | list[float] | None:
+    """``--partition``: ``"moments"`` (the adaptive schedule of :func:`jaxelbo.thermodynamic.moment_partition`)
+    or comma-separated betas ``0,...,1``, as :func:`jaxelbo.tvo` takes it.
+
+    Example:
+      >>> parse_partition("0, 0.1, 1"), parse_partition("moments")
+      ([0.0, 0.1, 1.0], 'moments')
+    """
+    if text is None or text == "moments":
+        return text
+    try:
+        return [float(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--partition takes 'moments' or comma-separated betas like 0,0.1,1, got {text!r}") from None
+
+
+# TrainSettings fields passed to the registry as the objective's extra keywords (None: the default,
+# or not a setting of this objective).
+_OBJECTIVE_KEYWORDS = ("beta", "alpha", "n", "num_partitions", "log_beta_min", "integration", "partition")
+
+
 def objective_kwargs(settings: TrainSettings | dict) -> dict:
     """The objective's constructor keywords for ``settings``: ``num_samples``, or
-    ``num_outer`` x ``num_inner`` for miwae/piwae, and ``beta``/``alpha`` (given or default)."""
+    ``num_outer`` x ``num_inner`` for miwae/piwae, and its extra keywords (``beta``, ``alpha``,
+    CUBO's ``n``, TVO's ``num_partitions``, ``log_beta_min``, ``integration``, ``partition``),
+    given or default."""
     from jaxelbo import registry
 
     settings = as_settings(settings)
+    given = {k: getattr(settings, k) for k in _OBJECTIVE_KEYWORDS}
+    given["partition"] = parse_partition(settings.partition)
     return registry.objective_kwargs(settings.objective, num_samples=settings.num_samples,
-                                     num_outer=settings.num_outer, beta=settings.beta,
-                                     alpha=settings.alpha)
+                                     num_outer=settings.num_outer, **given)
 
 
 def objective_record(settings: TrainSettings | dict) -> dict:
-    """``{"name", "estimator", **objective_kwargs}``: what config.json and summary.json record,
-    e.g. ``{"name": "miwae", "estimator": "dreg", "num_outer": 16, "num_inner": 32}``."""
+    """``{"name", "estimator", **objective_kwargs, "direction", "trains"}``: what config.json and
+    summary.json record, e.g. ``{"name": "miwae", "estimator": "dreg", "num_outer": 16, "num_inner": 32,
+    "direction": "lower", "trains": "model and guide"}``.
+
+    ``direction`` says which side of ``log p(x)`` the bound (the metrics' ``bound``) lies on:
+    ``"lower"`` (maximised, ``loss = -bound``) or ``"upper"`` (CUBO, TVO's right sum: minimised,
+    ``loss = +bound``). An upper bound trains the guide only (``"trains": "guide"``).
+    """
+    from jaxelbo import registry
+
     settings = as_settings(settings)
-    return {"name": settings.objective, "estimator": settings.estimator, **objective_kwargs(settings)}
+    kwargs = objective_kwargs(settings)
+    side = registry.direction(settings.objective, kwargs)
+    return {"name": settings.objective, "estimator": settings.estimator, **kwargs, "direction": side,
+            "trains": "model and guide" if side == "lower" else "guide"}
 
 
 def build_experiment(settings: TrainSettings | dict, cache: dict | None = None):
@@ -206,9 +260,11 @@ def build_experiment(settings: TrainSettings | dict, cache: dict | None = None):
     if cache is not None:
         arch = ("vae", ds.name, json.dumps(net.config))
         net = cache.setdefault(arch, net)._replace(params=net.params)
-    loss_fn = registry.make(settings.objective, net.model, net.guide, estimator=settings.estimator,
-                            num_samples=settings.num_samples, num_outer=settings.num_outer,
-                            beta=settings.beta, alpha=settings.alpha)
+    kwargs = objective_kwargs(settings)
+    loss_fn = registry.get(settings.objective).constructor(net.model, net.guide, estimator=settings.estimator,
+                                                           **kwargs)
+    if registry.direction(settings.objective, kwargs) == "upper":
+        loss_fn = training.guide_only(loss_fn)  # lowering an upper bound over theta would lower log p(x)
     optimizer = training.make_optimizer(settings.learning_rate,
                                         guide_learning_rate=settings.guide_learning_rate)
     return ds, net, loss_fn, optimizer
@@ -393,7 +449,9 @@ def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimize
             plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
                                     settings.latent_dim, seed=settings.seed, generate=net.generate,
                                     title=f"{ds.name}: {settings.objective}-{settings.estimator}, "
-                                          f"K={settings.num_samples}")
+                                          f"K={settings.num_samples}"
+                                          + (" (upper bound, guide only)" if objective_record(settings)["direction"]
+                                             == "upper" else ""))
             summary["wall_seconds"]["plots"] = time.perf_counter() - t0
             rundir.write_json_atomic(out / "summary.json", summary)
     return summary

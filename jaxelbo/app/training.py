@@ -46,7 +46,8 @@ from jaxelbo.types import LossFn
 
 # make_optimizer, skipped_steps and consecutive_non_finite live in jaxelbo.app.optim; they are
 # named here too because every training script builds its optimiser next to its step.
-__all__ = ["ChunkFn", "StepFn", "TrainResult", "consecutive_non_finite", "make_optimizer", "make_train_chunk",
+__all__ = ["ChunkFn", "StepFn", "TrainResult", "consecutive_non_finite", "guide_only", "make_optimizer",
+           "make_train_chunk",
            "make_train_step", "next_boundary", "read_metrics", "skipped_steps", "step_key", "train",
            "train_loop"]
 
@@ -57,7 +58,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     donate: bool = False) -> StepFn:
     """The pure step ``(params, opt_state, rng, x) -> (params, opt_state, metrics)``.
 
-    ``metrics``: ``loss`` (the surrogate's value, minus the mean bound), ``bound`` (mean
+    ``metrics``: ``loss`` (the surrogate's value: minus the mean bound for a lower bound, plus
+    it for an upper one, :func:`jaxelbo.registry.direction`), ``bound`` (mean
     over the batch), ``ess`` (mean effective sample size), ``grad_norm`` (global norm of
     the estimator) and ``skipped_steps`` (total non-finite steps so far).
     """
@@ -73,6 +75,33 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if not jit:
         return step
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def guide_only(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` with ``params["model"]`` held constant: only the guide gets a gradient.
+
+    What ``jaxelbo train`` does with an upper bound (CUBO, TVO's right sum): minimising it over
+    the guide tightens it, but minimising it over theta would push ``log p(x)`` itself down.
+    The value, aux and the guide's gradient are ``loss_fn``'s; the model's gradient is zero (so
+    Adam leaves the model where it is).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> loss_fn = guide_only(je.cubo(lg.model(), lg.guide(), num_samples=4))
+      >>> g = jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 2)) + 1)[0])(params)
+      >>> float(jnp.abs(g["model"]["mu"]).sum())
+      0.0
+    """
+
+    def wrapped(params, rng, x):
+        frozen = {**params, "model": jax.lax.stop_gradient(params["model"])}
+        return loss_fn(frozen, rng, x)
+
+    wrapped.__name__ = f"guide_only_{getattr(loss_fn, '__name__', 'loss')}"
+    wrapped.__doc__ = loss_fn.__doc__
+    return wrapped
 
 
 # Stream of key(seed) that draws the loss's samples (streams 1 and 2, batch order and

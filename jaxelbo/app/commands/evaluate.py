@@ -2,8 +2,9 @@
 
 Checks the flags and calls :func:`jaxelbo.app.experiment.evaluate_run`, which rebuilds the VAE
 from ``DIR/config.json``, restores the last (or ``--step``) orbax checkpoint and evaluates it;
-writes ``DIR/evaluation.json``: test log-likelihood (IWAE with K = 5000), IWAE-64, ELBO, active
-units and the ELBO-surgery terms, with device, versions and time. ``--method ais`` replaces the
+writes ``DIR/evaluation.json``: test log-likelihood (IWAE with K = 5000), IWAE-64, ELBO, CUBO_2
+(from the same 5000 draws) and the sandwich ``ELBO <= IWAE-64 <= log p(x) <= CUBO_2`` with its
+width, active units and the ELBO-surgery terms, with device, versions and time. ``--method ais`` replaces the
 IWAE estimate by annealed importance sampling; ``--method all`` reports both, their paired
 difference, the amortisation gap and (``--bdmc N``) the BDMC gap on N simulated points.
 """
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="test", help="set to evaluate on")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--eval-num-samples", type=int, default=5000,
-                        help="K of the log-likelihood estimate (default 5000; 0 skips it)")
+                        help="K of the log-likelihood and CUBO_2 estimates (default 5000; 0 skips them)")
     parser.add_argument("--eval-chunk-size", type=int, default=500, help="samples per chunk")
     parser.add_argument("--eval-num-points", type=int, default=None,
                         help="evaluate on the first N images of the split (default: all)")
@@ -107,4 +108,10 @@ def run(args: argparse.Namespace) -> int:
     result = record[args.split]
     parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()]
     print(f"{run_dir} step {record['step']} ({args.split}): " + ", ".join(parts))
+    if "sandwich_width" in result:
+        r = result
+        print(f"sandwich: ELBO {r['elbo']:.3f} <= IWAE-64 {r['iwae_64']:.3f} <= log p(x) "
+              f"{r['sandwich_log_likelihood']:.3f} ({r['sandwich_log_likelihood_method']}) "
+              f"<= CUBO_2 {r['cubo_2']:.3f}; "
+              f"width {r['sandwich_width']:.3f} nats" + ("" if r["sandwich_ordered"] else " (NOT in order)"))
     return 0

@@ -48,9 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="directory with the mnist/fashion-mnist/omniglot files")
     parser.add_argument("--objective", default=d["objective"],
-                        help="elbo, iwae, miwae, ciwae, piwae, renyi, rws or jvi (default iwae)")
+                        help="elbo, iwae, miwae, ciwae, piwae, renyi, rws, jvi, tvo or cubo (default iwae); "
+                        "an upper bound (cubo, tvo --integration right) is minimised over the guide only")
     parser.add_argument("--estimator", default=d["estimator"],
-                        help="reparam, stl, dreg, score or vimco; must suit the objective (default dreg)")
+                        help="reparam, stl, dreg, score, vimco, ovis or ovis-mc; must suit the objective "
+                        "(default dreg; tvo: score or reparam; cubo: reparam or dreg)")
     parser.add_argument("--num-samples", type=int, default=d["num_samples"],
                         help="sample budget K per example (miwae/piwae: num_outer x num_inner = K; "
                         "default 64)")
@@ -61,6 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=d["alpha"],
                         help="renyi: the order alpha (default 0.5); rws: DReG(alpha), the wake-phi share "
                         "of the guide's update in [0, 1] (default 1.0; 0 is IWAE-DReG)")
+    parser.add_argument("--n", type=float, default=d["n"], help="cubo: the order n >= 1 of CUBO_n (default 2)")
+    parser.add_argument("--num-partitions", type=int, default=d["num_partitions"],
+                        help="tvo: intervals S of the partition (default 10)")
+    parser.add_argument("--log-beta-min", type=float, default=d["log_beta_min"],
+                        help="tvo: log10 of beta_1 of the log-uniform partition (default -1.09)")
+    parser.add_argument("--integration", choices=("left", "right"), default=d["integration"],
+                        help="tvo: left Riemann sum (a lower bound, default) or right (an upper bound)")
+    parser.add_argument("--partition", default=d["partition"],
+                        help="tvo: 'moments' (the moment-spacing schedule, recomputed each step) or explicit "
+                        "comma-separated betas 0,...,1 (default: log-uniform)")
     parser.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps (default 3000)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"],
                         help="examples per step (default 64)")

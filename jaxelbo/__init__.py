@@ -21,12 +21,12 @@ from jaxelbo.diagnostics import (
 )
 from jaxelbo.estimators import ESTIMATORS
 from jaxelbo.gaps import InferenceGaps, amortisation_gap
-from jaxelbo.log_weights import effective_sample_size, log_weights, normalized_weights
 from jaxelbo.objectives import OBJECTIVES, ciwae, elbo, iwae, jvi, make_objective, miwae, piwae, renyi, rws
 from jaxelbo.psis import psis_khat
 from jaxelbo.smc import Proposal, StateSpaceModel, smc_bound
 from jaxelbo.thermodynamic import tvo
 from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, log_joint
+from jaxelbo.weights import effective_sample_size, log_weights, normalized_weights
 
 try:  # the version lives in pyproject.toml only
     __version__ = _metadata.version("jaxelbo")

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 
 from jaxelbo import snr
 from jaxelbo._validation import check_count, check_inputs
-from jaxelbo.log_weights import (
+from jaxelbo.snr import PairedBiasTest, paired_t_statistics
+from jaxelbo.types import Guide, LossFn, Model, PyTree
+from jaxelbo.weights import (
     batch_size_of,
     log_prob_latents,
     log_weights,
@@ -18,8 +20,6 @@ from jaxelbo.log_weights import (
     sample_keys,
     sample_latents,
 )
-from jaxelbo.snr import PairedBiasTest, paired_t_statistics
-from jaxelbo.types import Guide, LossFn, Model, PyTree
 
 __all__ = ["ElboSurgery", "PairedBiasTest", "elbo_surgery", "gradient_replicates", "gradient_snr",
            "importance_resample", "log_likelihood", "paired_bias_test", "paired_t_statistics",

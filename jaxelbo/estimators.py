@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxelbo.log_weights import (
+from jaxelbo.types import Estimator, Guide, Model, PyTree
+from jaxelbo.weights import (
     batch_size_of,
     leave_one_out_logsumexp,
     leave_one_out_mean,
@@ -70,7 +71,6 @@ from jaxelbo.log_weights import (
     sample_keys,
     sample_latents,
 )
-from jaxelbo.types import Estimator, Guide, Model, PyTree
 
 __all__ = ["ESTIMATORS", "PATHWISE", "SCORE_FUNCTION", "check_continuous_latents", "dreg_ratio_from_weights",
            "dreg_weights", "elbo_score_signal", "iwae_score_signal", "leave_one_out_logsumexp",
@@ -143,7 +143,7 @@ def leave_one_out_signal(bound_fn: BoundFn, log_weights: jax.Array) -> jax.Array
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxelbo.estimators import leave_one_out_signal, vimco_signal
-      >>> from jaxelbo.log_weights import log_mean_exp
+      >>> from jaxelbo.weights import log_mean_exp
       >>> lw = jnp.array([0.0, -1.0, 2.0, 0.5])
       >>> bool(jnp.allclose(leave_one_out_signal(log_mean_exp, lw), vimco_signal(lw), atol=1e-6))
       True
@@ -175,7 +175,7 @@ def dreg_weights(bound_fn: BoundFn, log_weights: jax.Array) -> tuple[jax.Array, 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jaxelbo.estimators import dreg_weights
-      >>> from jaxelbo.log_weights import log_mean_exp
+      >>> from jaxelbo.weights import log_mean_exp
       >>> lw = jnp.array([0.0, -1.0, 2.0])
       >>> c, d = dreg_weights(log_mean_exp, lw)
       >>> bool(jnp.allclose(d, jax.nn.softmax(lw) ** 2, atol=1e-6))   # IWAE: w_k^2

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from jaxelbo import estimators as est
 from jaxelbo import ovis, registry, wake_sleep
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
-from jaxelbo.log_weights import effective_sample_size, leave_one_out_logsumexp, log_mean_exp
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, PyTree
+from jaxelbo.weights import effective_sample_size, leave_one_out_logsumexp, log_mean_exp
 
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; see `piwae`.
 
@@ -582,7 +582,7 @@ def jvi_bound(log_weights: jax.Array) -> jax.Array:
 
     Computed as ``IWAE_K + (K - 1) mean_i (LSE - LSE_{-i} - log(K / (K - 1)))`` (no
     cancellation between two large multiples); ``LSE_{-i}`` from
-    :func:`jaxelbo.log_weights.leave_one_out_logsumexp`. Needs K >= 2.
+    :func:`jaxelbo.weights.leave_one_out_logsumexp`. Needs K >= 2.
     """
     k = log_weights.shape[-1]
     lse = jax.nn.logsumexp(log_weights, axis=-1, keepdims=True)

@@ -44,9 +44,9 @@ import jax.numpy as jnp
 
 from jaxelbo._validation import check_inputs
 from jaxelbo.estimators import leave_one_out_logsumexp
-from jaxelbo.log_weights import batch_size_of, effective_sample_size, log_mean_exp, sample_and_log_weights, sample_keys
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, LossFn, Model, PyTree
+from jaxelbo.weights import batch_size_of, effective_sample_size, log_mean_exp, sample_and_log_weights, sample_keys
 
 __all__ = ["DEFAULT_GAMMA", "ovis_asymptotic_signal", "ovis_mc_loss", "ovis_mc_signal"]
 

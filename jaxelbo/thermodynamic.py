@@ -29,9 +29,9 @@ import numpy as np
 from jaxelbo import estimators as est
 from jaxelbo import registry
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
-from jaxelbo.log_weights import batch_size_of, effective_sample_size, sample_and_log_weights, sample_keys
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, LossFn, Model, PyTree
+from jaxelbo.weights import batch_size_of, effective_sample_size, sample_and_log_weights, sample_keys
 
 __all__ = ["PARTITION_SCHEDULES", "TVO_ESTIMATORS", "log_uniform_partition", "moment_partition", "tvo", "tvo_bound",
            "tvo_moments"]

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxelbo.log_weights import batch_size_of, effective_sample_size, log_mean_exp, sample_keys
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, Model, PyTree, log_joint
+from jaxelbo.weights import batch_size_of, effective_sample_size, log_mean_exp, sample_keys
 
 __all__ = ["defensive_log_weights", "defensive_wake_loss", "require_sample", "sleep_phi_surrogate"]
 
@@ -83,7 +83,7 @@ def defensive_log_weights(model: Model, guide: Guide, params: dict, keys: jax.Ar
     keeps its full autodiff derivative.
 
     Args:
-      keys: ``(B, K)`` keys (:func:`jaxelbo.log_weights.sample_keys`).
+      keys: ``(B, K)`` keys (:func:`jaxelbo.weights.sample_keys`).
       defensive: ``delta`` in ``[0, 1]``; 0 is the guide, 1 the prior.
 
     Returns:

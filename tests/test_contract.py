@@ -59,6 +59,26 @@ def test_public_names():
     assert je.ESTIMATORS[:5] == ("reparam", "stl", "dreg", "score", "vimco")
 
 
+def test_no_public_name_shadows_a_submodule():
+    """``import jaxelbo.<module> as m`` gives the module: no function of ``je`` shares a submodule's name."""
+    import importlib
+    import pkgutil
+    import types
+
+    names = {m.name for m in pkgutil.iter_modules(je.__path__)}
+    assert "weights" in names and "log_weights" not in names  # je.log_weights is the function only
+    assert callable(je.log_weights) and not isinstance(je.log_weights, types.ModuleType)
+    import jaxelbo.weights as lw
+
+    assert isinstance(lw, types.ModuleType) and lw.log_weights is je.log_weights
+    for name in sorted(names - {"numpyro", "app", "__main__"}):  # the extras and the CLI are imported on use
+        module = importlib.import_module(f"jaxelbo.{name}")
+        assert getattr(je, name) is module, f"jaxelbo.{name} is rebound to {getattr(je, name)!r}"
+        exec(f"import jaxelbo.{name} as m; assert isinstance(m, types.ModuleType)", {"types": types})
+    for name in je.__all__:
+        assert name not in names or isinstance(getattr(je, name), types.ModuleType), name
+
+
 def test_every_registered_objective_has_a_row_here():
     missing = sorted(set(je.OBJECTIVES) - set(FACTORIES))
     assert not missing, f"add {missing} to FACTORIES (documented call, estimators, log_weights shape)"

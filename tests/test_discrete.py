@@ -101,7 +101,7 @@ def vimco_signal_by_definition(lw):
 def test_vimco_signal_with_zero_weights():
     """Issue 23 row 10: the leave-one-out mean subtracted -inf from -inf (nan) at a zero weight."""
     from jaxelbo.estimators import leave_one_out_signal, vimco_signal
-    from jaxelbo.log_weights import leave_one_out_mean, log_mean_exp
+    from jaxelbo.weights import leave_one_out_mean, log_mean_exp
 
     rows = jnp.array([[0.3, -1.0, -jnp.inf, 2.0, 0.5], [-jnp.inf, -1.0, -jnp.inf, 2.0, 0.5],
                       [0.3, -1.0, 1.2, 2.0, 0.5]])

@@ -10,8 +10,8 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo import estimators as est
-from jaxelbo.log_weights import batch_size_of, log_mean_exp, sample_and_log_weights, sample_keys
 from jaxelbo.models import linear_gaussian as lg
+from jaxelbo.weights import batch_size_of, log_mean_exp, sample_and_log_weights, sample_keys
 
 
 def np_logsumexp(a, axis=-1):

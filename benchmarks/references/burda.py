@@ -14,7 +14,7 @@ decoder ``50-200-200-784`` with tanh hidden units and Bernoulli logits ``l``,
    backward of encoder and decoder), the floor any implementation pays.
 
 Noise is shared: the sample ``z[b, k]`` uses ``eps[b, k] = normal(keys[b, k], (50,))``
-with ``keys = jax.random.split(rng, (B, K))``, as ``jaxelbo.log_weights.sample_keys``
+with ``keys = jax.random.split(rng, (B, K))``, as ``jaxelbo.weights.sample_keys``
 does, so every implementation can be checked against the others on identical noise.
 Parameters have the layout of ``jaxelbo.models.vae`` (flax NNX's pure dicts:
 ``{"net": {"hidden0", "hidden1", "out": {"kernel" (in, out), "bias"}}}``), so the

@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxelbo as je
-from jaxelbo.log_weights import log_mean_exp
 from jaxelbo.psis import KHAT_THRESHOLD, psis_tail_size
+from jaxelbo.weights import log_mean_exp
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 METHODS = ("iwae", "ais", "all")

@@ -145,7 +145,7 @@ def leave_one_out_logsumexp(log_weights: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxelbo.log_weights import leave_one_out_logsumexp
+      >>> from jaxelbo.weights import leave_one_out_logsumexp
       >>> lse = leave_one_out_logsumexp(jnp.log(jnp.array([1.0, 2.0, 3.0])))
       >>> bool(jnp.allclose(lse, jnp.log(jnp.array([5.0, 4.0, 3.0]))))
       True

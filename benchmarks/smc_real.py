@@ -15,7 +15,8 @@
    form; ``log p(x)`` is estimated by FIVO with K = 4096 at each trained model.
 
 Needs statsmodels and optax (the ``dev`` extra; ``pip install jaxelbo[data]`` for statsmodels).
-Nothing is downloaded. Writes ``benchmarks/results/smc_real.json`` and ``.md``.
+Nothing is downloaded. Writes ``benchmarks/results/smc_real.json``, ``.md`` and ``.png`` (the
+training curves).
 ``--steps`` and ``--num-replicates`` size the run (defaults: about 5 minutes on a loaded 2-core CPU).
 """
 
@@ -191,6 +192,11 @@ def evaluate(fns, params, x, num_replicates: int, seed: int) -> dict:
     return out
 
 
+def thin(curve: np.ndarray, points: int = 100) -> list[float]:
+    """A training curve averaged over ``points`` equal windows (for the JSON and the figure)."""
+    return [float(c.mean()) for c in np.array_split(np.asarray(curve, np.float64), min(points, curve.size))]
+
+
 def to_float(tree) -> dict:
     return {k: float(v) for k, v in tree.items()}
 
@@ -249,6 +255,7 @@ def run_nile(steps: int, num_replicates: int) -> dict:
             "kalman_log_likelihood": kal,
             "bounds": {k: {"mean": v["mean"] - shift, "stderr": v["stderr"]} for k, v in ev.items()},
             "final_train_loss": float(curve[-50:].mean()) + shift,
+            "curve_bound": [-v - shift for v in thin(curve)],
             "seconds": time.perf_counter() - t0,
         }
     # the bounds at the MLE model with the FIVO-trained proposal
@@ -309,6 +316,7 @@ def run_sv(steps: int, num_replicates: int) -> dict:
                 "mean": float(ref.mean()),
                 "stderr": float(ref.std(ddof=1) / math.sqrt(ref.size)),
             },
+            "curve_bound": [-v for v in thin(curve)],
             "seconds": time.perf_counter() - t0,
         }
     return {"T": int(x.size), "series": "S&P 500 monthly log-returns (Schwert), percent, demeaned", "trained": trained}
@@ -376,6 +384,36 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(result: dict, path: Path) -> None:
+    """Training curves (the training bound, window means) of the three fits, Nile and SV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = int(result["config"].split()[0])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (key, title) in zip(axes, (("nile", "Nile, local level"), ("sv", "S&P 500, stochastic volatility")),
+                                strict=True):
+        for name, t in result[key]["trained"].items():
+            curve = np.asarray(t["curve_bound"])
+            ax.plot(np.linspace(0, steps, curve.size), curve, label=f"trained with {name}")
+        if key == "nile":
+            ll = result["nile"]["kalman_mle"]["log_likelihood"]
+            ax.axhline(ll, color="k", ls="--", lw=1, label=f"Kalman MLE {ll:.2f}")
+        else:
+            best = max(t["log_likelihood_fivo4096"]["mean"] for t in result["sv"]["trained"].values())
+            ax.axhline(best, color="k", ls="--", lw=1, label=f"best log p (FIVO-4096) {best:.2f}")
+        lo = min(min(t["curve_bound"][len(t["curve_bound"]) // 5:]) for t in result[key]["trained"].values())
+        top = ax.get_ylim()[1]
+        ax.set_ylim(lo - 0.1 * (top - lo), top)
+        ax.set(title=title, xlabel="Adam step", ylabel="training bound (16 particles)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -395,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "smc_real.json").write_text(json.dumps(result, indent=1))
     (args.out / "smc_real.md").write_text(to_markdown(result))
+    figure(result, args.out / "smc_real.png")
     print(to_markdown(result))
     return 0
 

@@ -12,7 +12,8 @@ from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 REPO = Path(__file__).resolve().parent.parent
-EXTERNAL = ("notebooks/*.ipynb", "notebooks/images/*.png", "benchmarks/results/snr/*.png")
+EXTERNAL = ("notebooks/*.ipynb", "notebooks/images/*.png", "benchmarks/results/snr/*.png",
+            "benchmarks/results/smc*.png")
 
 
 NOTEBOOK_CACHE = REPO / ".cache" / "notebooks"  # gitignored

@@ -19,9 +19,11 @@ Timed: one call of ``jit(value_and_grad(loss))`` (with ``--value``, also of ``ji
 contenders interleaved within each repetition; medians over repetitions; ratios are medians
 of the per-repetition ratios to the reference, so load drift on a shared machine cancels.
 
-Sizing: ``--repetitions 15`` and ``B = 4`` keep the whole grid (27 value-and-gradient programs,
-compilation included, about 10 s each under load) to about five minutes on a loaded 2-core CPU;
-the timed calls themselves take well under a minute.
+Sizing: ``--repetitions 15`` and ``B = 4``: the timed calls take well under a minute on an idle
+2-core CPU; the 27 compilations dominate (a few seconds each when idle, so a few minutes in all).
+The committed run (``benchmarks/results/smc-cpu.md``) took 40 minutes at a load average of 13-23
+on the shared 2 cores: read its ratios (medians of paired, interleaved ratios), not its
+absolute times.
 
 Run: ``python benchmarks/smc.py`` (writes ``benchmarks/results/smc-<platform>.{json,md}``).
 """

@@ -36,7 +36,8 @@ def describe(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
     import jaxelbo
 
     dev = jax.devices()[0]
-    versions = {"jaxelbo": jaxelbo.__version__, "jax": jax.__version__, "python": platform.python_version()}
+    versions: dict[str, str | None] = {"jaxelbo": jaxelbo.__version__, "jax": jax.__version__,
+                                       "python": platform.python_version()}
     for name in ("jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy", *extra_packages):
         versions[name] = package_version(name)
     return {
@@ -45,6 +46,6 @@ def describe(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
                    "process_count": jax.process_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                    "machine": platform.machine()},
         "versions": versions,
-        "x64": bool(jax.config.jax_enable_x64),
+        "x64": bool(jax.config.read("jax_enable_x64")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

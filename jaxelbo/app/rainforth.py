@@ -269,7 +269,7 @@ def _from_json(tp: Any, data: Any) -> Any:
             key = f.metadata.get("json", f.name)
             if key in data:
                 kwargs[f.name] = _from_json(hints[f.name], data[key])
-        return tp(**kwargs)
+        return typing.cast(type, tp)(**kwargs)
     return data
 
 
@@ -429,8 +429,8 @@ def rainforth_experiment(
         return {e: je.miwae(problem.model, problem.guide, num_outer=num_outer, num_inner=num_inner,
                             estimator=e) for e in m_estimators}
 
-    common = dict(num_replicates=num_replicates, pairs=pairs, mean_reference=mean_reference,
-                  chunk_size=chunk_size, mesh=mesh, memory_budget_bytes=memory_budget_bytes)
+    common: dict[str, Any] = dict(num_replicates=num_replicates, pairs=pairs, mean_reference=mean_reference,
+                                  chunk_size=chunk_size, mesh=mesh, memory_budget_bytes=memory_budget_bytes)
     rng = jax.random.key(seed + 1)
     sweeps: dict[str, list[PointRecord]] = {"num_samples": [], "num_outer": []}
     total = len(k_grid) + (len(m_grid) if m_estimators else 0)
@@ -550,14 +550,16 @@ def checks(k_records: list[PointRecord], estimators: Sequence[str]) -> Checks:
         rows = []
         for r in k_records:
             v = {e: r.estimators[e].total_variance["phi"] for e in ("dreg", "stl", "reparam")}
-            rows.append(VarianceRow(num_samples=r.num_samples, **v, ordered=bool(v["dreg"] < v["stl"] < v["reparam"])))
+            rows.append(VarianceRow(num_samples=r.setting("num_samples"), **v,
+                                    ordered=bool(v["dreg"] < v["stl"] < v["reparam"])))
         ordering = VarianceOrdering(claim="total phi variance dreg < stl < reparam for every K > 1",
                                     holds=all(row.ordered for row in rows if row.num_samples > 1), per_k=rows)
     bias = {}
     for name, claim in BIAS_CLAIMS.items():
         if k_records and all(name in r.pairs for r in k_records):
             bias[name] = BiasTest(claim=claim, per_k=[
-                BiasRow(num_samples=r.num_samples, **dataclasses.asdict(r.pairs[name]["phi"])) for r in k_records])
+                BiasRow(num_samples=r.setting("num_samples"), **dataclasses.asdict(r.pairs[name]["phi"]))
+                for r in k_records])
     return Checks(phi_variance_ordering=ordering, stl_dreg=bias.get("stl-dreg"),
                   dreg_reparam=bias.get("dreg-reparam"))
 

@@ -17,23 +17,12 @@ import jaxelbo as je
 from jaxelbo import estimators as est
 from jaxelbo import objectives, registry
 from jaxelbo.models import linear_gaussian as lg
+from tests import toy
+from tests.toy import GUIDE, MODEL, MU, RNG, D
 
-D, B, BUDGET = 3, 4, 6
-MU = jnp.array([0.3, -0.5, 1.0])
-X = lg.sample_data(jax.random.key(7), MU, B)
-MODEL, GUIDE = lg.model(), lg.guide()
-RNG = jax.random.key(0)
-
-
-def perturbed(params):
-    g = dict(params["guide"])
-    g["A"] = g["A"] + 0.3 * jax.random.normal(jax.random.key(1), (D, D), g["A"].dtype)
-    g["b"] = g["b"] - 0.2
-    g["log_scale"] = g["log_scale"] + 0.4
-    return {"model": {"mu": params["model"]["mu"] + 0.3}, "guide": g}
-
-
-PARAMS = perturbed(lg.optimal_params(MU))
+B, BUDGET = 4, 6
+X = toy.data(B)
+PARAMS = toy.perturbed(lg.optimal_params(MU), a_noise=0.3, log_scale_shift=0.4)
 
 
 def lme(lw):

@@ -10,24 +10,14 @@ import pytest
 import jaxelbo as je
 from jaxelbo import registry
 from jaxelbo.models import linear_gaussian as lg
+from tests import toy
+from tests.toy import GUIDE, MODEL, MU, RNG, D
 
 pytestmark = pytest.mark.usefixtures("strict_numerics")
 
-D, B = 3, 4
-MU = jnp.array([0.3, -0.5, 1.0])
-X = lg.sample_data(jax.random.key(7), MU, B)
-MODEL, GUIDE = lg.model(), lg.guide()
-RNG = jax.random.key(0)
-
-
-def perturbed(params):
-    g = dict(params["guide"])
-    g["A"] = g["A"] + 0.1 * jax.random.normal(jax.random.key(1), (D, D), g["A"].dtype)
-    g["b"] = g["b"] - 0.2
-    return {"model": {"mu": params["model"]["mu"] + 0.3}, "guide": g}
-
-
-PARAMS = perturbed(lg.optimal_params(MU))
+B = 4
+X = toy.data(B)
+PARAMS = toy.perturbed(lg.optimal_params(MU))
 
 BUDGET = 6  # samples per example: K = 6, or M x K = 2 x 3 for miwae/piwae (jaxelbo.registry.split_budget)
 CASES = [(o, e) for o, ests in je.OBJECTIVES.items() for e in ests]

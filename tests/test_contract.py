@@ -102,6 +102,7 @@ def test_loss_and_aux_shapes(objective, estimator):
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(PARAMS)
 
 
+@pytest.mark.slow  # 12 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_gradient_replicates_has_a_leading_replicate_axis():
     reps = je.gradient_replicates(je.iwae(MODEL, GUIDE, num_samples=3, estimator="dreg"), PARAMS, RNG, X,
                                   num_replicates=5)

@@ -102,6 +102,7 @@ def _script(tmp_path, name, text):
     return str(path)
 
 
+@pytest.mark.slow  # 21 s in the cold gated CI of 2026-12-02 (load 4-7)
 @pytest.mark.multidevice
 def test_eight_devices_match_one(tmp_path):
     proc = subprocess.run([sys.executable, _script(tmp_path, "eight.py", EIGHT_DEVICES)], env=_env(8),

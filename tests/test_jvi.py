@@ -49,6 +49,7 @@ def brute_force_jvi(lw):
     return k * iwae_k - (k - 1) * jnp.mean(loo, axis=0)
 
 
+@pytest.mark.slow  # 12 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_jvi_bound_is_the_jackknife():
     for k in (2, 3, 7):
         lw = 2.0 * jax.random.normal(jax.random.key(k), (5, k))
@@ -312,6 +313,7 @@ def test_cli_trains_jvi_and_rws_alpha_and_reports_khat(tmp_path, capsys):
     assert "alpha must lie in [0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 17 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_snr_sweep_accepts_jvi_dreg_and_dreg_alpha():
     from jaxelbo.app import rainforth
 

@@ -91,6 +91,7 @@ BOUNDS = {
 }
 
 
+@pytest.mark.slow  # 28 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_autodiff_dreg_weights_equal_every_closed_form(capsys):
     """d = c - dc/dlog w (forward-over-reverse) against each built-in's closed form, at a
     spread of 30 nats; the max |difference| per built-in is printed (run with -s)."""
@@ -221,6 +222,7 @@ def test_x_and_closure_gradients_are_plain_autodiff(objective, estimator, x64_in
             np.testing.assert_allclose(jnp.vdot(got[0], direction), fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # 12 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_params_gradients_unchanged_when_x_is_differentiated_too():
     """Differentiating x as well (the extra plain path) leaves the estimator's params gradient as is."""
     for objective in ("iwae", "piwae", "jvi"):
@@ -230,6 +232,7 @@ def test_params_gradients_unchanged_when_x_is_differentiated_too():
         chex.assert_trees_all_close(alone, both, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # 13 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_forward_mode_equals_reverse_mode():
     """jax.jvp along params and jax.jacfwd in x give the same (rerouted) derivative as jax.grad."""
     f = je.iwae(MODEL, GUIDE, num_samples=BUDGET, estimator="dreg")

@@ -59,6 +59,7 @@ def test_unbiased_pair_passes_and_biased_pair_fails(iwae_tests):
     np.testing.assert_array_equal(good.t["model"]["mu"], 0.0)
 
 
+@pytest.mark.slow  # 19 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_paired_bias_test_eager_equals_jit():
     a = je.iwae(MODEL, GUIDE, num_samples=8, estimator="dreg")
     b = je.iwae(MODEL, GUIDE, num_samples=8, estimator="reparam")
@@ -126,6 +127,7 @@ np.save("t.npy", np.concatenate([np.ravel(t) for t in jax.tree.leaves(test.t)]))
 """
 
 
+@pytest.mark.slow  # 12 s in the cold gated CI of 2026-12-02 (load 4-7)
 @pytest.mark.multidevice
 def test_paired_bias_test_sharded_over_four_devices_equals_one(tmp_path):
     """The replicates are sharded over the devices; the statistics do not change."""

@@ -46,6 +46,7 @@ def test_khat_separates_light_from_heavy_tails():
     assert np.all(np.asarray(je.psis_khat(jnp.asarray(sets["pareto k=0.4, S=5000"], jnp.float32))) < 0.7)
 
 
+@pytest.mark.slow  # 13 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_khat_axis_vmap_and_shift_invariance():
     lw = jax.random.normal(jax.random.key(0), (3, 4, 100))
     k = je.psis_khat(lw)
@@ -69,6 +70,7 @@ def test_khat_input_errors():
     assert np.isnan(np.asarray(flat)).all()
 
 
+@pytest.mark.slow  # 12 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_every_objective_reports_khat_in_aux():
     from jaxelbo.models import linear_gaussian as lg
 

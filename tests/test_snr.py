@@ -162,6 +162,7 @@ def test_fit_and_its_t_interval():
     assert snr.geometric_grid(1000)[:4] == [1, 2, 3, 6] and snr.geometric_grid(1000)[-1] == 1000
 
 
+@pytest.mark.slow  # 25 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_gradient_snr_and_moments_agree_on_ddof():
     """je.gradient_snr and snr.gradient_moments use the same keys and the same ddof = 1."""
     lg = je.models.linear_gaussian

@@ -87,6 +87,7 @@ def test_jit_step_equals_eager():
     chex.assert_trees_all_close(a[2], b[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 14 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_interrupted_run_resumes_to_the_same_params(tiny, dreg_step, tmp_path):
     """8 steps straight == Ctrl-C during the third chunk (the second is saved on the interrupt) + resume."""
     net, it = tiny
@@ -215,6 +216,7 @@ def test_training_improves_the_bound(tiny, dreg_step):
     assert after > before + 2.0, (before, after)
 
 
+@pytest.mark.slow  # 16 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_evaluate_reports_every_number(tiny):
     net, _ = tiny
     x = data.evaluation_split(data.load(), "test")[:40]

@@ -112,6 +112,7 @@ def test_iwae_bound_on_the_vae(net):
     np.testing.assert_allclose(loss, -aux["bound"].mean(), rtol=1e-6)
 
 
+@pytest.mark.slow  # 13 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_float64_params_flow():
     with jax.enable_x64(True):
         net64 = vae.build(jax.random.key(0), D, hidden=(4,), latent_dim=2, param_dtype=jnp.float64)
@@ -206,6 +207,7 @@ def test_two_layer_samples_are_ancestral(net2):
     assert float(jnp.abs(g["z1"]["net"]["out"]["bias"]).sum()) > 0
 
 
+@pytest.mark.slow  # 22 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_two_layer_posterior_means_and_generate(net2):
     x = (jax.random.uniform(jax.random.key(6), (5, D)) < 0.5).astype(jnp.float32)
     phi = net2.params["guide"]
@@ -224,6 +226,7 @@ def test_two_layer_posterior_means_and_generate(net2):
     assert jnp.all((images > 0) & (images < 1))
 
 
+@pytest.mark.slow  # 16 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_elbo_surgery_on_two_layers(net2):
     """The tuple latent flows through the aggregate-posterior computation of ELBO surgery."""
     x = (jax.random.uniform(jax.random.key(11), (6, D)) < 0.5).astype(jnp.float32)

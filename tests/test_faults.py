@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -987,3 +988,45 @@ def test_evaluate_interrupted_is_one_line_exit_130(state, tmp_path, capsys, monk
     assert main(["evaluate", str(run), "--eval-num-samples", "10", "--no-surgery", "--no-progress"]) == 130
     _one_line_error(capsys, "interrupted by SIGINT", str(run / "evaluation.json"))
     assert not (run / "evaluation.json").exists()
+
+
+def _npz(directory: Path, **arrays) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "mnist.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, 4, 4), dtype=np.uint8)
+
+
+def _truncate_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: p.write_bytes(b"this is not a zip archive"), "is not a readable .npz archive"),
+    (_truncate_half, "is not a readable .npz archive"),
+    (lambda p: np.savez(p, x_train=_images(40)), "has no array x_test (it holds: x_train)"),
+    (lambda p: np.savez(p, x_train=np.array([[1, 2], None], dtype=object), x_test=_images(10)),
+     "[x_train] cannot be read without pickle"),
+    (lambda p: np.savez(p, x_train=np.full((40, 4), "a"), x_test=_images(10)), "[x_train] holds an array of dtype"),
+])
+def test_a_bad_npz_is_one_line_naming_the_file(tmp_path, damage, needle):
+    path = _npz(tmp_path / "data", x_train=_images(40), x_test=_images(10))
+    damage(path)
+    with pytest.raises(ValueError) as e:
+        data.load("mnist", tmp_path / "data", validation_size=5)
+    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("shape,needle", [((-1, 4, 4), "negative shape"),
+                                          ((2**31 - 1,) * 3, "is truncated: its header promises shape")])
+def test_an_absurd_idx_header_is_one_line_naming_the_file(tmp_path, capsys, shape, needle):
+    path = _mnist_dir(tmp_path / "data")
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">3i", *shape) + bytes(64))
+    with pytest.raises(ValueError, match=needle) as e:
+        data.load("mnist", tmp_path / "data", validation_size=5)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

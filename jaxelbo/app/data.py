@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import struct
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,8 +100,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim:
         raise ValueError(f"{path} is truncated: its header is cut short")
     shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{path} is not a valid IDX file: its header gives the negative shape {tuple(shape)}")
     dtype = np.dtype(_IDX_DTYPES[code])
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: an absurd header cannot wrap around
     if len(raw) - 4 - 4 * ndim < count * dtype.itemsize:
         raise ValueError(f"{path} is truncated: its header promises shape {tuple(shape)} "
                          f"({count * dtype.itemsize} bytes of data), the file holds {len(raw) - 4 - 4 * ndim}")
@@ -116,6 +120,40 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(header + array.tobytes())
 
 
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x_train, x_test)`` in [0, 1] from an ``.npz`` archive.
+
+    Raises ``ValueError`` naming the file for a file that is not a zip archive or is cut
+    short, an archive without ``x_train`` or ``x_test``, and object (pickled) arrays, which
+    are never loaded.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated, pickled data
+        raise ValueError(f"{path} is not a readable .npz archive ({_short(e)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive with x_train and x_test")
+    with archive:
+        out = []
+        for key in ("x_train", "x_test"):
+            if key not in archive.files:
+                raise ValueError(f"{path} has no array {key} (it holds: {', '.join(archive.files) or 'nothing'})")
+            try:
+                array = archive[key]
+            except ValueError as e:  # object dtype: would need pickle
+                raise ValueError(f"{path}[{key}] cannot be read without pickle ({_short(e)}); save the images "
+                                 "as a uint8 or float array") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ValueError(f"{path}[{key}] is damaged or cut short ({_short(e)})") from None
+            out.append(_to_unit(array, f"{path}[{key}]"))
+    return out[0], out[1]
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _to_unit(x: np.ndarray, source: str | os.PathLike = "data") -> np.ndarray:
     """Flattens images to ``(N, D)`` float32 in [0, 1] (uint8 / 255; floats kept).
 
@@ -124,6 +162,9 @@ def _to_unit(x: np.ndarray, source: str | os.PathLike = "data") -> np.ndarray:
     values outside [0, 1].
     """
     x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(f"{source} holds an array of dtype {x.dtype}, not numbers (save the images as uint8 "
+                         "or float)")
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"{source} holds an array of shape {x.shape}, not images (N, H, W) or (N, D)"
                          + (" (a labels file?)" if x.ndim == 1 else ""))
@@ -169,8 +210,7 @@ def _load_mnist_like(name: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
         raise _missing(name, data_dir, expected)
     npz = _find(name, data_dir, [f"{name}.npz", f"{stem}.npz"])
     if npz is not None:
-        with np.load(npz) as f:
-            return _to_unit(f["x_train"], f"{npz}[x_train]"), _to_unit(f["x_test"], f"{npz}[x_test]")
+        return _read_npz(npz)
     splits = []
     for split in ("train", "test"):
         base = _MNIST_FILES[split]
@@ -203,8 +243,7 @@ def _load_omniglot(data_dir) -> tuple[np.ndarray, np.ndarray]:
         raise _missing("omniglot", data_dir, expected)
     npz = _find("omniglot", data_dir, ["omniglot.npz"])
     if npz is not None:
-        with np.load(npz) as f:
-            return _to_unit(f["x_train"], f"{npz}[x_train]"), _to_unit(f["x_test"], f"{npz}[x_test]")
+        return _read_npz(npz)
     mat = _find("omniglot", data_dir, ["chardata.mat"])
     if mat is None:
         raise _missing("omniglot", data_dir, expected)

@@ -1030,3 +1030,48 @@ def test_an_absurd_idx_header_is_one_line_naming_the_file(tmp_path, capsys, shap
     with pytest.raises(ValueError, match=needle) as e:
         data.load("mnist", tmp_path / "data", validation_size=5)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("line,needle", [(b"[1, 2]", "line 2 is not a metrics record"),
+                                         (b'{"step": "4", "split": "train"}', "line 2 is not a metrics record"),
+                                         (b'{"step": 3, "split": "tr\xff\xfe"}', "line 2 is not UTF-8")])
+def test_a_metrics_line_that_is_not_a_record_stops_a_resume_in_one_line(loop, tmp_path, line, needle):
+    net, opt, chunk = loop
+    kw = dict(log_every=2, checkpoint_every=4, progress=False, out_dir=tmp_path)
+    training.train_loop(chunk, net.params, opt.init(net.params), num_steps=4, **kw)
+    path = tmp_path / "metrics.jsonl"
+    first, *rest = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(first + line + b"\n" + b"".join(rest))
+    with pytest.raises(ValueError) as e:
+        training.train_loop(chunk, net.params, opt.init(net.params), num_steps=6, resume=True, **kw)
+    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_metrics_lines_that_are_not_records_are_skipped_with_one_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 2, "split": "train", "loss": 1.0, "bound": -1.0, "steps_per_second": 9.0},
+            {"step": 2, "split": "validation", "iwae_64": -1.0}]
+    path.write_bytes(b"\n".join([json.dumps(good[0]).encode(), b"[]", b"{}", b"7", b"\xff\xfe garbage",
+                                 json.dumps(good[1]).encode(), b'{"step": 4, "split": "train"}', b""]))
+    assert training.read_metrics(path) == good
+    _one_line_error(capsys, str(path), "skipped 5 line(s) that are not metrics records", "line 2")
+
+
+@pytest.mark.slow
+def test_a_foreign_metrics_line_written_during_training_never_crashes_the_summary(tmp_path, capsys, monkeypatch):
+    real = training.train
+
+    def foreign_line(*args, **kwargs):  # something else writes into metrics.jsonl while the run trains
+        result = real(*args, **kwargs)
+        with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:
+            f.write(b'[1, 2]\n{"split": "train"}\n\xff\xfe\n')
+        return result
+
+    monkeypatch.setattr(training, "train", foreign_line)
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--steps", "4", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(out / "metrics.jsonl") in err and "skipped 3 line(s)" in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_train"]["step"] == 4
+    assert (out / "curves.png").is_file()

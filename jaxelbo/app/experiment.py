@@ -445,7 +445,6 @@ def _train_and_evaluate(settings: TrainSettings, out, ds, net, loss_fn, optimize
             from jaxelbo.app import plotting
 
             t0 = time.perf_counter()
-            records = training.read_metrics(out / "metrics.jsonl")
             plotting.plot_run(out, records, net.encode, net.decode, params, x_test, ds.image_shape,
                                     settings.latent_dim, seed=settings.seed, generate=net.generate,
                                     title=f"{ds.name}: {settings.objective}-{settings.estimator}, "

@@ -251,28 +251,56 @@ def _to_python(tree) -> Any:
     return jax.tree.map(lambda a: np.asarray(a).item() if np.ndim(a) == 0 else np.asarray(a).tolist(), tree)
 
 
+def _metrics_lines(path: Path) -> list[tuple[int, str, dict | None, str]]:
+    """``(line number, text, record or None, why not a record)`` of each non-blank line of ``path``."""
+    out = []
+    for i, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((i, raw.decode("utf-8", "replace"), None, f"not UTF-8 (byte {e.start})"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            out.append((i, text, None, "not a JSON record"))
+            continue
+        out.append((i, text, rec, "") if _is_record(rec) else (i, text, None, f"not a metrics record ({text[:40]!r})"))
+    return out
+
+
+def _is_record(rec: Any) -> bool:
+    """A training or validation record as :class:`MetricsWriter` writes them."""
+    if not isinstance(rec, dict) or rec.get("split") not in ("train", "validation"):
+        return False
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return False
+    return rec["split"] != "train" or all(k in rec for k in ("loss", "bound", "steps_per_second"))
+
+
 def _truncate_jsonl(path: Path, last_step: int, warn: Callable[[str], None] | None = None) -> None:
     """Drops records after ``last_step`` (written by a run that was then interrupted).
 
     A torn last line (a write cut short by a kill) is dropped too, with one line to
-    ``warn``; an unreadable line elsewhere raises ``ValueError`` naming the file and line.
+    ``warn``; a line elsewhere that is not a record (not UTF-8, not JSON, or JSON that is
+    not a metrics record) raises ``ValueError`` naming the file and line.
     """
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
+    lines = _metrics_lines(path)
     keep = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for n, (i, text, rec, why) in enumerate(lines):
+        if rec is None:
+            if n < len(lines) - 1:
+                raise ValueError(f"{path}: line {i} is {why}; repair or remove that line, or start afresh "
+                                 "with --overwrite")
+            (warn or _note)(f"{path}: dropped a torn last line (a write cut short): {text[:40]!r}")
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
-            (warn or _note)(f"{path}: dropped a torn last line (a write cut short): {line[:40]!r}")
-            continue
-        if rec.get("step", 0) <= last_step:
-            keep.append(line)
+        if rec["step"] <= last_step:
+            keep.append(text)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
@@ -695,6 +723,17 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
                        prior_seconds=prior_seconds)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file.
+
+    Lines that are not records (not UTF-8, not JSON, or JSON that is not a training or
+    validation record) are skipped, with one line to ``warn`` naming the file, how many
+    and the first of them.
+    """
+    path = Path(path)
+    lines = _metrics_lines(path)
+    bad = [(i, why) for i, _, rec, why in lines if rec is None]
+    if bad:
+        (warn or _note)(f"{path}: skipped {len(bad)} line(s) that are not metrics records (line {bad[0][0]}: "
+                        f"{bad[0][1]})")
+    return [rec for _, _, rec, _ in lines if rec is not None]

@@ -1075,3 +1075,46 @@ def test_a_foreign_metrics_line_written_during_training_never_crashes_the_summar
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_train"]["step"] == 4
     assert (out / "curves.png").is_file()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # orbax's echoes reach stderr
+def test_a_checkpoint_write_that_fails_on_disk_is_one_line_and_keeps_the_older_ones(state, tmp_path, capfd):
+    import resource
+
+    params, opt_state = state
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.save(ckpt, 1, params, opt_state)
+    capfd.readouterr()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))  # files cut at 2 KiB: writes fail as on a full disk
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError) as e:
+            checkpoint.save(ckpt, 2, _shifted(params, 1.0), opt_state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    message = str(e.value)
+    assert message.startswith(f"could not write checkpoint {ckpt / '2'} (File too large)") and "\n" not in message
+    assert isinstance(e.value, OSError)  # the command reports it as a disk error, in one line
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ERROR" not in err, err[:2000]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1"]  # no half-written folder left
+    assert checkpoint.restore(ckpt, params, opt_state).step == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_stops_the_run_in_one_line_before_orbax_writes(tmp_path, capfd, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(*real(p)[:2], 2**20) if "checkpoints" in str(p)
+                        else real(p))
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--steps", "4", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err[:2000]
+    assert f"not writing checkpoint {out / 'checkpoints' / '4'}: the disk is full (1.0 MiB free" in err, err
+    assert not list((out / "checkpoints").iterdir())

@@ -22,6 +22,7 @@ checkpoint that verifies; with an explicit ``step`` it refuses instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +144,12 @@ def _quiet_unraisable(unraisable) -> None:
 _default_unraisable = sys.unraisablehook
 
 
+def _quiet_orbax_echoes() -> None:
+    """After a failed orbax read or write: its pending futures' "Event loop is closed" echoes dropped."""
+    sys.unraisablehook = _quiet_unraisable
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def _read(path: Path, target: Any) -> Any:
     import orbax.checkpoint as ocp
 
@@ -190,10 +197,21 @@ def save(directory: str | Path, step: int, params: Any, opt_state: Any, *, keep:
         for p in directory.iterdir():  # leftovers of a write that was killed
             if p.name.startswith(_TMP_PREFIX) or ".orbax-checkpoint-tmp" in p.name or p.name.endswith(".old"):
                 _remove(p)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp.absolute(), state, force=True)
-        ckptr.wait_until_finished()
-    difference = _compare(expected, checksums(_read(tmp, state)))  # every process takes part in a read
+    _check_free_space(directory, final, state)
+    hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable  # a failed write echoes as it unwinds
+    try:
+        with _orbax_errors_silenced(), ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp.absolute(), state, force=True)
+            ckptr.wait_until_finished()
+            written = _read(tmp, state)  # every process takes part in a read
+        sys.unraisablehook = hook
+    except Exception as e:  # a full disk, a file-size limit, an I/O error: orbax/tensorstore raise many types
+        if main:
+            _remove_partial(directory, step)
+        _quiet_orbax_echoes()
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({_write_failure(e)}); the older "
+                                   "checkpoints are kept") from None
+    difference = _compare(expected, checksums(written))
     if difference is not None:
         if main:
             _remove(tmp)
@@ -212,6 +230,70 @@ def save(directory: str | Path, step: int, params: Any, opt_state: Any, *, keep:
     _fsync_dir(directory)
     _prune(directory, int(step), keep)
     return final
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, an I/O error): one line naming it."""
+
+
+# Room kept free beyond a checkpoint's bytes (orbax metadata, the manifest).
+_FREE_SPACE_MARGIN = 4 * 2**20
+
+
+def _check_free_space(directory: Path, final: Path, state: Any) -> None:
+    """Refuses, before orbax writes anything, a checkpoint that cannot fit on the disk."""
+    needed = sum(a.nbytes for _, a in _leaves(state)) + _FREE_SPACE_MARGIN
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < needed:
+        raise CheckpointWriteError(f"not writing checkpoint {final}: the disk is full ({free / 2**20:.1f} MiB free "
+                                   f"in {directory}, the checkpoint needs about {needed / 2**20:.1f} MiB); the older "
+                                   "checkpoints are kept")
+
+
+def _write_failure(e: BaseException) -> str:
+    """What went wrong, in a few words (the OS error when tensorstore names one)."""
+    import errno
+    import re
+
+    code = getattr(e, "errno", None)
+    found = re.search(r"os_error_code='?(\d+)", str(e))
+    if code is None and found:
+        code = int(found.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full: {os.strerror(code)}"
+    if code is not None:
+        return os.strerror(code)
+    return _one_line(e)
+
+
+def _remove_partial(directory: Path, step: int) -> None:
+    for p in directory.glob(f"{_TMP_PREFIX}{int(step)}*"):
+        _remove(p)
+
+
+class _DropErrors:
+    """A logging filter that drops ERROR records (orbax's threads log each failed write with its traceback)."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _orbax_errors_silenced():
+    """Orbax's tracebacks of a failed write kept off stderr: :func:`save` reports the failure in one line."""
+    import logging
+
+    logger, drop = logging.getLogger("absl"), _DropErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -293,8 +375,7 @@ def verify(path: str | Path, params: Any, opt_state: Any) -> Restored:
     try:
         restored = _read(path, target)
     except Exception as e:  # orbax/tensorstore raise many types on damage
-        sys.unraisablehook = _quiet_unraisable
-        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        _quiet_orbax_echoes()
         raise CheckpointError(f"checkpoint {path} is unreadable ({_one_line(e)})") from None
     difference = _compare(saved, checksums(restored))
     if difference is not None:

@@ -1118,3 +1118,45 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_in_one_line_before_orbax_writ
     assert err.count("\n") == 0 and "Traceback" not in err, err[:2000]
     assert f"not writing checkpoint {out / 'checkpoints' / '4'}: the disk is full (1.0 MiB free" in err, err
     assert not list((out / "checkpoints").iterdir())
+
+
+def test_a_second_signal_during_the_checkpoint_write_waits_for_it_and_stops_cleanly(loop, tmp_path, monkeypatch):
+    net, opt, chunk = loop
+    kw = dict(num_steps=8, log_every=2, checkpoint_every=4, progress=False, out_dir=tmp_path, handle_signals=True)
+    real_save = checkpoint.save
+
+    def signalled(params, opt_state, start, stop):
+        if start == 2:
+            signal.raise_signal(signal.SIGTERM)  # the first: stop at the next boundary
+        return chunk(params, opt_state, start, stop)
+
+    def save_under_a_second_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # 50 ms later, while the reached step is being written
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_under_a_second_signal)
+    try:
+        result = training.train_loop(signalled, net.params, opt.init(net.params), **kw)
+    except KeyboardInterrupt:
+        pytest.fail("the second signal cut the checkpoint write short")
+    monkeypatch.undo()
+    assert result.status == "interrupted" and result.signum == signal.SIGTERM and result.step == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]  # whole, no tmp- folder
+    assert checkpoint.restore(tmp_path / "checkpoints", net.params, opt.init(net.params)).step == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_a_double_sigterm_50_ms_apart_exits_143_in_one_line(tmp_path):
+    signum = signal.SIGTERM
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc)
+    proc.send_signal(signum)
+    time.sleep(0.05)
+    proc.send_signal(signum)
+    code, _, err = _finish(proc)
+    assert code == 128 + signum and err.count("\n") == 1, (code, err[-3000:])
+    assert f"interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in err, err
+    assert not [p.name for p in (out / "checkpoints").iterdir() if not p.name.isdigit()]
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"

@@ -505,15 +505,18 @@ class LoopState:
 
     def save(self) -> None:
         """Checkpoints the state reached (:func:`jaxelbo.app.checkpoint.save`)."""
-        from jaxelbo.app import checkpoint
+        from jaxelbo.app import checkpoint, rundir
 
         assert self.ckpt_dir is not None, "a run without out_dir has no checkpoints"
         # the chunks since the last record, so that a resume from here writes the same records
         pending = [[n, _to_python(m)] for n, m in self.writer.unlogged]
-        checkpoint.save(self.ckpt_dir, self.step, self.params, self.opt_state,
-                        meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0,
-                              **({"pending_chunks": pending} if pending else {})})
-        self.saved = self.last_checkpoint = self.step
+        # a signal during the write (a second Ctrl-C) comes after it: never a half-written checkpoint
+        # whose orbax threads still write while the interrupt unwinds
+        with rundir.signals_deferred():
+            checkpoint.save(self.ckpt_dir, self.step, self.params, self.opt_state,
+                            meta={"train_seconds": self.prior_seconds + time.perf_counter() - self.t0,
+                                  **({"pending_chunks": pending} if pending else {})})
+            self.saved = self.last_checkpoint = self.step
 
 
 # A boundary action runs after each chunk: ``action(loop, metrics) -> None`` to go on, or a
@@ -710,7 +713,9 @@ def train_loop(chunk_fn: ChunkFn, params: dict, opt_state: Any, *, num_steps: in
         if ckpt_dir is not None and loop.step > loop.saved and jax.process_count() == 1:
             loop.writer.flush()
             loop.save()
-        raise
+        if stop_flag is None or not stop_flag.signum:
+            raise
+        status = "interrupted"  # a second signal while the run was stopping on the first: it stops now
     finally:
         if stop_flag is not None:
             stop_flag.restore()

@@ -269,9 +269,19 @@ def _write_failure(e: BaseException) -> str:
     return _one_line(e)
 
 
-def _remove_partial(directory: Path, step: int) -> None:
-    for p in directory.glob(f"{_TMP_PREFIX}{int(step)}*"):
-        _remove(p)
+def _remove_partial(directory: Path, step: int, patience: float = 2.0) -> None:
+    """Removes a failed write's folders; tensorstore's threads may still be finishing files in them
+    for a moment (what is left then goes with the next save's clean-up)."""
+    import time
+
+    end = time.monotonic() + patience
+    while True:
+        left = list(directory.glob(f"{_TMP_PREFIX}{int(step)}*"))
+        for p in left:
+            _remove(p)
+        if not left or time.monotonic() > end:
+            return
+        time.sleep(0.05)
 
 
 class _DropErrors:

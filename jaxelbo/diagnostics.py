@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo import snr
+from jaxelbo._chunking import choose_rows, split_rows
 from jaxelbo._validation import check_count, check_inputs
 from jaxelbo.snr import PairedBiasTest, paired_t_statistics
 from jaxelbo.types import Guide, LossFn, Model, PyTree
@@ -194,34 +195,152 @@ def _streaming_logsumexp(carry: tuple[jax.Array, jax.Array], values: jax.Array, 
     return new_max, running_sum
 
 
-def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
-                   num_samples: int = 5000, chunk_size: int | None = 500) -> jax.Array:
-    """Estimate ``log p(x)`` by IWAE_K with large K (Burda et al. 2016 use K = 5000).
+def _log_weight_block(model: Model, guide: Guide, num_samples: int, samples: int):
+    """``(params, point_keys (g,), x (g, ...), j) -> (g, samples)`` log-weights of the
+    samples ``j * samples + (0..samples-1)`` of each point, ``-inf`` past ``num_samples``.
 
-    Samples are drawn ``chunk_size`` at a time and reduced by a streaming logsumexp
-    ``(m, s) <- (max(m, max lw), s e^{m - m'} + sum e^{lw - m'})``, so memory is
-    ``B * chunk_size`` log-weights whatever ``num_samples``. The last chunk is masked
-    when ``chunk_size`` does not divide ``num_samples``.
+    Sample ``k`` of point ``b`` always uses ``fold_in(point_keys[b], k)``, so the draws do
+    not depend on the chunking."""
+
+    def block(params, point_keys, x, j):
+        index = j * samples + jnp.arange(samples)
+        keys = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(index))(point_keys)
+        _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x)
+        return jnp.where((index < num_samples)[None, :], log_p - log_q, -jnp.inf)
+
+    return block
+
+
+def log_likelihood_chunks(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                          num_samples: int = 5000) -> tuple[int, int]:
+    """``(points, samples)`` per step that :func:`log_likelihood` uses with ``chunk_size="auto"``.
+
+    One step evaluates ``points x samples`` (example, sample) rows. Their number is the
+    machine's budget divided by the bytes per row that XLA's memory analysis reports for
+    one compiled step: on CPU the L2 caches (so that the element-wise passes over the
+    decoder's outputs stay in cache and the matrix products run at speed), elsewhere
+    1 GiB (see ``jaxelbo._chunking``). Samples come first, so each point's encoder runs
+    once per ``samples`` draws.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> from jaxelbo.diagnostics import log_likelihood_chunks
+      >>> lg = je.models.linear_gaussian
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> log_likelihood_chunks(lg.model(), lg.guide(), params, jax.random.key(0), jnp.ones((3, 2)),
+      ...                       num_samples=100)
+      (3, 100)
+    """
+    num_samples = check_count("num_samples", num_samples)
+    check_inputs(model, guide, params, rng, x)
+    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], x)
+    args = (params, jax.random.split(rng, 1), one, jnp.zeros((), jnp.int32))
+    rows = choose_rows(lambda r: _log_weight_block(model, guide, num_samples, r), *args,
+                       cache_key=("log_likelihood", model, guide, num_samples))
+    return split_rows(rows, batch_size_of(x), num_samples)
+
+
+def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                   num_samples: int = 5000, chunk_size: int | str | None = "auto",
+                   points_per_chunk: int | None = None) -> jax.Array:
+    r"""Estimate ``log p(x)`` by IWAE_K with large K (Burda et al. 2016 use K = 5000).
+
+    .. math::
+
+       \hat L(x_b) = \log \frac1K \sum_{k=1}^K
+           \frac{p_\theta(x_b, z_{bk})}{q_\phi(z_{bk} \mid x_b)},
+       \qquad z_{bk} \sim q_\phi(\cdot \mid x_b) \text{ drawn with } \mathrm{fold\_in}(r_b, k),
+
+    with ``r_b = split(rng, B)[b]``: the draws do not depend on the chunking, so every
+    chunking gives the same estimate up to float rounding. Samples are evaluated
+    ``points_per_chunk`` points times ``chunk_size`` samples at a time and reduced by a
+    streaming logsumexp ``(m, s) <- (max(m, max lw), s e^{m - m'} + sum e^{lw - m'})``, so
+    memory is one chunk's whatever ``num_samples``; the last chunk is masked.
+
+    Args:
+      model, guide, params: as for the objectives.
+      rng: a PRNG key.
+      x: a batch with a leading axis B.
+      num_samples: K.
+      chunk_size: samples per chunk; ``"auto"`` (default) chooses samples and points
+        per chunk from the machine (:func:`log_likelihood_chunks`: XLA's memory
+        analysis of one chunk against the CPU's cache, or 1 GiB on an accelerator);
+        ``None``: all K at once.
+      points_per_chunk: points per chunk with an integer or ``None`` ``chunk_size``
+        (default: all B).
 
     Returns:
       ``(B,)`` estimates, each a stochastic lower bound whose gap shrinks as ``O(1/K)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxelbo as je
+      >>> lg = je.models.linear_gaussian
+      >>> params = lg.optimal_params(jnp.zeros(2))
+      >>> x = jnp.ones((3, 2))
+      >>> a = je.log_likelihood(lg.model(), lg.guide(), params, jax.random.key(0), x, num_samples=100)
+      >>> b = je.log_likelihood(lg.model(), lg.guide(), params, jax.random.key(0), x, num_samples=100,
+      ...                       chunk_size=7, points_per_chunk=2)
+      >>> bool(jnp.allclose(a, b, rtol=1e-6))
+      True
+
+    References:
+      Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
+    """
+    return streamed_log_mean_exp(model, guide, params, rng, x, num_samples=num_samples, chunk_size=chunk_size,
+                                 points_per_chunk=points_per_chunk)[0]
+
+
+def streamed_log_mean_exp(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                          num_samples: int = 5000, chunk_size: int | str | None = "auto",
+                          points_per_chunk: int | None = None,
+                          powers: tuple[float, ...] = (1.0,)) -> tuple[jax.Array, ...]:
+    """``log (1/K) sum_k w_k^n`` per example for each ``n`` in ``powers``, on the draws
+    and chunks of :func:`log_likelihood` (whose estimate is ``powers=(1.0,)``).
+
+    Returns:
+      one ``(B,)`` array per power.
     """
     num_samples = check_count("num_samples", num_samples)
-    chunk = num_samples if chunk_size is None else min(check_count("chunk_size", chunk_size), num_samples)
-    num_chunks = -(-num_samples // chunk)
     check_inputs(model, guide, params, rng, x)
-
-    def body(carry, i):
-        lw = log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
-        valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
-        return _streaming_logsumexp(carry, jnp.where(valid, lw, -jnp.inf), axis=-1), None
-
     batch = batch_size_of(x)
-    dtype = jax.eval_shape(
-        lambda: log_weights(model, guide, params, rng, x, num_samples=1)).dtype
-    init = (jnp.full((batch,), -jnp.inf, dtype), jnp.zeros((batch,), dtype))
-    (running_max, running_sum), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
-    return running_max + jnp.log(running_sum) - math.log(num_samples)
+    if isinstance(chunk_size, str) and chunk_size == "auto":
+        if points_per_chunk is not None:
+            raise ValueError('points_per_chunk needs an integer or None chunk_size, not "auto"')
+        points, samples = log_likelihood_chunks(model, guide, params, rng, x, num_samples=num_samples)
+    elif chunk_size is None or not isinstance(chunk_size, str):
+        samples = num_samples if chunk_size is None else min(check_count("chunk_size", chunk_size), num_samples)
+        points = batch if points_per_chunk is None else min(check_count("points_per_chunk", points_per_chunk), batch)
+    else:
+        raise ValueError(f'chunk_size must be a positive integer, None or "auto", got {chunk_size!r}')
+    num_chunks = -(-num_samples // samples)
+    num_groups = -(-batch // points)
+    pad = num_groups * points - batch
+
+    def grouped(a):
+        a = jnp.asarray(a)
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)])
+        return a.reshape(num_groups, points, *a.shape[1:])
+
+    x_groups = jax.tree_util.tree_map(grouped, x)
+    key_groups = grouped(jax.random.split(rng, batch))
+    block = _log_weight_block(model, guide, num_samples, samples)
+    dtype = jax.eval_shape(lambda: log_weights(model, guide, params, rng, x, num_samples=1)).dtype
+
+    def one_group(inputs):
+        keys, xg = inputs
+
+        def body(carry, j):
+            lw = block(params, keys, xg, j)
+            return tuple(_streaming_logsumexp(c, n * lw if n != 1 else lw, axis=-1)
+                         for c, n in zip(carry, powers, strict=True)), None
+
+        init = (jnp.full((points,), -jnp.inf, dtype), jnp.zeros((points,), dtype))
+        out, _ = jax.lax.scan(body, tuple(init for _ in powers), jnp.arange(num_chunks))
+        return tuple(m + jnp.log(s) for m, s in out)
+
+    out = jax.lax.map(one_group, (key_groups, x_groups))
+    return tuple(o.reshape(-1)[:batch] - math.log(num_samples) for o in out)
 
 
 # --------------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def test_train_and_test_of_different_sizes_fail_at_load(tmp_path):
     (["--learning-rate", "inf"], "--learning-rate must be finite and > 0"),
     (["--guide-learning-rate", "0"], "--guide-learning-rate must be finite and > 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
-    (["--eval-chunk-size", "0"], "--eval-chunk-size must be a positive integer"),
+    (["--eval-chunk-size", "-1"], "--eval-chunk-size must be >= 0, got -1"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1197 training images"),
     (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be a positive integer"),
 ])

@@ -10,6 +10,7 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo.app import evaluation
+from jaxelbo.log_weights import sample_and_log_weights
 from jaxelbo.models import linear_gaussian as lg
 
 D, N = 3, 24
@@ -75,9 +76,11 @@ def test_log_likelihood_and_cubo_share_the_draws_of_log_likelihood():
     assert np.all(cubo >= iwae)  # the power-mean inequality on the same draws
     _, one = jax.jit(lambda p, r, xb: evaluation.log_likelihood_and_cubo(
         MODEL, GUIDE, p, r, xb, num_samples=250, chunk_size=250))(PARAMS, rng, x)
-    lw = jax.jit(lambda p, r, xb: je.log_weights(MODEL, GUIDE, p, r, xb, num_samples=250))(
-        PARAMS, jax.random.fold_in(rng, 0), x)
-    want = (jax.nn.logsumexp(2 * lw, -1) - np.log(250)) / 2
+    # sample k of point b is drawn with fold_in(split(rng, B)[b], k), as in je.log_likelihood
+    keys = jax.vmap(lambda key: jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(250)))(
+        jax.random.split(rng, len(x)))
+    _, log_p, log_q = sample_and_log_weights(MODEL, GUIDE, PARAMS, keys, x)
+    want = (jax.nn.logsumexp(2 * (log_p - log_q), -1) - np.log(250)) / 2
     np.testing.assert_allclose(one, want, rtol=1e-5)  # one chunk: the CUBO estimate itself
 
 

@@ -80,3 +80,41 @@ def test_refuses_mismatched_runs(table):
         train_many.train_many([runs[0], other], num_steps=2)
     with pytest.raises(ValueError, match="at least one run"):
         train_many.train_many([], num_steps=2)
+
+
+def _bitwise_equal(a, b) -> bool:
+    return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_checkpoints_per_run_and_bitwise_resume(table, tmp_path):
+    from jaxelbo.app import checkpoint
+
+    runs, many, _ = table
+    straight = [tmp_path / f"straight{i}" for i in range(len(runs))]
+    full = train_many.train_many(runs, num_steps=NUM_STEPS, log_every=LOG_EVERY, out_dirs=straight,
+                                 checkpoint_every=8)
+    assert all(_bitwise_equal(f.params, m.params) for f, m in zip(full, many, strict=True))
+    for i, d in enumerate(straight):  # each run has its own checkpoints and records
+        assert checkpoint.steps(d / "checkpoints") == [8, 12]
+        saved = checkpoint.restore(d / "checkpoints", runs[i].params, runs[i].opt_state)
+        assert saved.step == 12 and _bitwise_equal(saved.params, full[i].params)
+        assert [r["step"] for r in training.read_metrics(d / "metrics.jsonl")] == [4, 8, 12]
+    # interrupted after 8 steps, then resumed: bitwise the uninterrupted table
+    cut = [tmp_path / f"cut{i}" for i in range(len(runs))]
+    train_many.train_many(runs, num_steps=8, log_every=LOG_EVERY, out_dirs=cut, checkpoint_every=8)
+    resumed = train_many.train_many(runs, num_steps=NUM_STEPS, log_every=LOG_EVERY, out_dirs=cut,
+                                    checkpoint_every=8, resume=True)
+    for r, f in zip(resumed, full, strict=True):
+        assert _bitwise_equal(r.params, f.params) and _bitwise_equal(r.opt_state, f.opt_state)
+        assert [h["step"] for h in r.history] == [12] and r.skipped_steps == f.skipped_steps
+    assert [r["step"] for r in training.read_metrics(cut[1] / "metrics.jsonl")] == [4, 8, 12]
+    # negative control: the 8-step state trained 4 more steps from step 0 (not resumed) differs
+    at8 = [checkpoint.restore(d / "checkpoints", r.params, r.opt_state, step=8) for d, r in zip(cut, runs, strict=True)]
+    restarted = train_many.train_many([r._replace(params=a.params, opt_state=a.opt_state)
+                                       for r, a in zip(runs, at8, strict=True)], num_steps=4, log_every=LOG_EVERY)
+    assert not _bitwise_equal(restarted[0].params, full[0].params)
+    # runs saved at different steps are refused
+    checkpoint.save(cut[0] / "checkpoints", 13, full[0].params, full[0].opt_state)
+    with pytest.raises(ValueError, match="same step"):
+        train_many.train_many(runs, num_steps=14, out_dirs=cut, resume=True)

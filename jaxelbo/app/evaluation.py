@@ -108,7 +108,7 @@ def _batches(x: np.ndarray, batch_size: int):
 
 def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: np.ndarray, *,
              encode: Callable | None = None, posterior_means: Callable | None = None,
-             num_samples_ll: int = 5000, chunk_size: int = 500,
+             num_samples_ll: int = 5000, chunk_size: int | str = "auto",
              num_samples_iwae: int = 64, batch_size: int = 100, surgery: bool = True,
              surgery_chunk_size: int = 256, progress: bool = False, method: str = "iwae",
              ais_steps: int = 1000, ais_chains: int = 16, bdmc_points: int = 0,
@@ -125,7 +125,9 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
         ``active_units`` is their sum (``encode`` is then not needed).
       num_samples_ll: K of the log-likelihood estimate (Burda et al.: 5000) and of the
         ``cubo_2`` estimate on the same draws; 0 skips both (and the sandwich).
-      chunk_size: samples per chunk of the log-likelihood estimate.
+      chunk_size: samples per chunk of the log-likelihood estimate, or ``"auto"`` (or 0,
+        the default): points and samples per chunk chosen from the machine
+        (:func:`jaxelbo.log_likelihood`).
       num_samples_iwae: K of the reported IWAE bound (and of the ELBO estimate).
       batch_size: examples per evaluation batch.
       surgery: compute the ELBO-surgery terms (O(N^2) guide evaluations).
@@ -169,7 +171,7 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
     if num_samples_ll:
         from tqdm.auto import tqdm
 
-        ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, chunk_size)
+        ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, "auto" if chunk_size in (0, "auto") else chunk_size)
         t0 = time.perf_counter()
         lls, cubos = [], []
         with tqdm(total=n, desc=f"log p(x), K={num_samples_ll}", unit="point", disable=not progress,
@@ -251,43 +253,27 @@ def sandwich(results: dict, num_samples_iwae: int = 64) -> dict:
 
 
 def log_likelihood_and_cubo(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: jax.Array, *,
-                            num_samples: int = 5000, chunk_size: int = 500, n: float = 2.0
+                            num_samples: int = 5000, chunk_size: int | str = "auto", n: float = 2.0
                             ) -> tuple[jax.Array, jax.Array]:
     r"""``(IWAE_K, CUBO_n)`` per example, from the same K draws, streamed in chunks.
 
     .. math:: \widehat{\log p}(x) = \log \frac1K \sum_k \tilde w_k, \qquad
        \widehat{\mathrm{CUBO}}_n(x) = \frac1n \log \frac1K \sum_k \tilde w_k^{\,n} .
 
-    The draws and chunks are those of :func:`jaxelbo.log_likelihood` (chunk ``i`` uses
-    ``fold_in(rng, i)``), so the first output is its estimate; per example
+    The draws and chunks are those of :func:`jaxelbo.log_likelihood` (sample ``k`` of
+    point ``b`` uses ``fold_in(split(rng, B)[b], k)``; ``chunk_size="auto"`` chooses the
+    chunks from the machine), so the first output is its estimate; per example
     ``CUBO_n >= IWAE_K`` on the same draws (the power-mean inequality), and both are biased
     low of their targets ``log p(x)`` and ``CUBO_n``.
 
     Returns:
       two ``(B,)`` arrays.
     """
-    chunk = min(int(chunk_size), int(num_samples))
-    num_chunks = -(-int(num_samples) // chunk)
+    from jaxelbo.diagnostics import streamed_log_mean_exp
 
-    def stream(carry, lw):
-        m, s = carry
-        new_m = jnp.maximum(m, jnp.max(lw, axis=-1))
-        safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(lw - safe[:, None]), axis=-1)
-        return new_m, s
-
-    def body(carry, i):
-        lw = je.log_weights(model, guide, params, jax.random.fold_in(rng, i), x, num_samples=chunk)
-        valid = (i * chunk + jnp.arange(chunk) < num_samples)[None, :]
-        one, power = carry
-        return (stream(one, jnp.where(valid, lw, -jnp.inf)), stream(power, jnp.where(valid, n * lw, -jnp.inf))), None
-
-    batch = x.shape[0]
-    dtype = jax.eval_shape(lambda: je.log_weights(model, guide, params, rng, x, num_samples=1)).dtype
-    init = (jnp.full((batch,), -jnp.inf, dtype), jnp.zeros((batch,), dtype))
-    ((m1, s1), (m2, s2)), _ = jax.lax.scan(body, (init, init), jnp.arange(num_chunks))
-    log_k = math.log(num_samples)
-    return m1 + jnp.log(s1) - log_k, (m2 + jnp.log(s2) - log_k) / n
+    one, power = streamed_log_mean_exp(model, guide, params, rng, x, num_samples=int(num_samples),
+                                       chunk_size=chunk_size, powers=(1.0, float(n)))
+    return one, power / n
 
 
 def _mean_and_stderr(v: np.ndarray) -> tuple[float, float]:
@@ -418,7 +404,7 @@ def _bounds_fn(model: je.Model, guide: je.Guide, num_samples: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _log_likelihood_fn(model: je.Model, guide: je.Guide, num_samples: int, chunk_size: int):
+def _log_likelihood_fn(model: je.Model, guide: je.Guide, num_samples: int, chunk_size: int | str):
     return jax.jit(lambda params, rng, xb: log_likelihood_and_cubo(model, guide, params, rng, xb,
                                                                    num_samples=num_samples, chunk_size=chunk_size))
 

@@ -74,7 +74,7 @@ class TrainSettings:
     checkpoint_every: int = _setting(500)
     log_every: int = _setting(50)
     eval_num_samples: int = _setting(5000)
-    eval_chunk_size: int = _setting(500)
+    eval_chunk_size: int = _setting(0)  # 0: chosen from the machine (je.log_likelihood's "auto")
     surgery: bool = _setting(True)
     max_nonfinite_steps: int = _setting(100)
     stochastic_layers: int = _setting(1, _RESUME)
@@ -135,11 +135,10 @@ def validate(settings: TrainSettings | dict) -> None:
     settings = as_settings(settings)
     registry.check_estimator(settings.objective, settings.estimator)
     objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
-    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "eval_chunk_size",
-                "max_nonfinite_steps"):
+    for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "max_nonfinite_steps"):
         if int(getattr(settings, key)) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(settings, key)}")
-    for key in ("eval_every", "checkpoint_every", "eval_num_samples", "seed"):
+    for key in ("eval_every", "checkpoint_every", "eval_num_samples", "eval_chunk_size", "seed"):
         if int(getattr(settings, key)) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(settings, key)}")
     if settings.seed >= 2**31 - 10_000:  # the evaluation draws with seed + 10_000; the loop needs int32
@@ -493,7 +492,7 @@ def read_run_config(cfg_path: Path):
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", step: int | None = None,
                  data_dir: str | None = None, seed: int | None = None, num_samples: int = 5000,
-                 chunk_size: int = 500, num_points: int | None = None, surgery: bool = True,
+                 chunk_size: int = 0, num_points: int | None = None, surgery: bool = True,
                  progress: bool = True, **evaluate_kwargs) -> dict:
     """Re-evaluate the checkpoint of a ``jaxelbo train`` run: what ``jaxelbo evaluate`` writes.
 

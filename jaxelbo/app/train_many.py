@@ -14,8 +14,12 @@ Each run keeps what it has when trained alone:
 - its optimiser state, hence its own skipped-step counters (``skip_non_finite``);
 - its metrics, one record per ``log_every`` steps, as :func:`jaxelbo.app.training.train`
   writes them;
-- optionally its checkpoint (``out_dirs``), saved with
-  :func:`jaxelbo.app.training.save_checkpoint` at the end.
+- optionally its own folder (``out_dirs``): checkpoints in ``<dir>/checkpoints`` (as
+  ``jaxelbo train`` writes them, :func:`jaxelbo.app.checkpoint.save`) every
+  ``checkpoint_every`` steps and at the end, and its records in ``<dir>/metrics.jsonl``.
+  ``resume=True`` restores every run from its newest checkpoint (all runs at the same
+  step) and carries on: the parameters equal those of the uninterrupted table bitwise
+  (the loss key and the batch of a step depend only on the seeds and the step).
 
 Its parameters equal those of the run trained alone up to float rounding (a vmapped
 matrix product may be summed in another order; tested to ``1e-5`` relative).
@@ -24,6 +28,7 @@ matrix product may be summed in another order; tested to ``1e-5`` relative).
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -142,8 +147,25 @@ def make_many_chunk(runs: Sequence[Run]) -> Callable:
     return chunk
 
 
+def _resume_step(dirs: list[Path | None]) -> int:
+    """The step every run's folder can resume from (0: nothing saved), or an error naming the runs."""
+    from jaxelbo.app import checkpoint
+
+    latest = [None if d is None else checkpoint.latest_step(d / "checkpoints") for d in dirs]
+    named = {i: s for i, s in enumerate(latest) if dirs[i] is not None}
+    if not named or all(s is None for s in named.values()):
+        return 0
+    if len(set(named.values())) != 1:
+        raise ValueError("train_many resume: every run's newest checkpoint must be of the same step, got "
+                         + ", ".join(f"run {i}: {s}" for i, s in named.items()))
+    if len(named) != len(dirs):
+        raise ValueError("train_many resume: every run needs an out_dir")
+    return int(next(iter(named.values())))
+
+
 def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
-               out_dirs: Sequence[str | Path | None] | None = None) -> list[RunResult]:
+               out_dirs: Sequence[str | Path | None] | None = None, checkpoint_every: int = 0,
+               resume: bool = False) -> list[RunResult]:
     """Trains every run for ``num_steps`` steps as one compiled program per chunk of ``log_every`` steps.
 
     Args:
@@ -152,13 +174,17 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
         same ``step_fn`` object are ``vmap``-ed together.
       num_steps: steps of every run.
       log_every: steps per chunk (one record per run per chunk).
-      out_dirs: optional directory per run (or None) for a final checkpoint.
+      out_dirs: optional folder per run (or None): ``checkpoints/`` (every
+        ``checkpoint_every`` steps and at the end) and ``metrics.jsonl``.
+      checkpoint_every: steps between checkpoints (0: only the final one).
+      resume: restore every run from its newest checkpoint in ``out_dirs`` (all at the
+        same step; a fresh start when none is saved) and train on to ``num_steps``.
 
     Returns:
       One :class:`RunResult` per run, in the order of ``runs``: its ``history`` holds
-      a record ``{"step", metrics...}`` per chunk, with the chunk's means of ``loss``,
-      ``bound``, ``ess``, ``grad_norm``, the run's ``skipped_steps`` so far and its
-      ``non_finite_steps`` in the chunk.
+      a record ``{"step", metrics...}`` per chunk (after the resumed step), with the
+      chunk's means of ``loss``, ``bound``, ``ess``, ``grad_norm``, the run's
+      ``skipped_steps`` so far and its ``non_finite_steps`` in the chunk.
 
     Example:
       >>> import jax, numpy as np
@@ -174,17 +200,44 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
       >>> [len(r.history) for r in tm.train_many(runs, num_steps=10, log_every=5)]
       [2, 2]
     """
-    if num_steps < 1 or log_every < 1:
-        raise ValueError(f"num_steps and log_every must be >= 1, got {num_steps}, {log_every}")
+    from jaxelbo.app import checkpoint
+
+    if num_steps < 1 or log_every < 1 or checkpoint_every < 0:
+        raise ValueError(f"num_steps and log_every must be >= 1 and checkpoint_every >= 0, got {num_steps}, "
+                         f"{log_every}, {checkpoint_every}")
     if out_dirs is not None and len(out_dirs) != len(runs):
         raise ValueError(f"out_dirs needs one entry per run ({len(runs)}), got {len(out_dirs)}")
+    dirs = [None if d is None else Path(d) for d in (out_dirs or [None] * len(runs))]
+    if resume and out_dirs is None:
+        raise ValueError("train_many resume needs out_dirs")
+    start = _resume_step(dirs) if resume else 0
+    if start > num_steps:
+        raise ValueError(f"train_many resume: the checkpoints are of step {start}, past num_steps={num_steps}")
+    runs = list(runs)
+    for i, d in enumerate(dirs):
+        if d is None:
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        if start:
+            restored = checkpoint.restore(d / "checkpoints", runs[i].params, runs[i].opt_state, step=start)
+            runs[i] = runs[i]._replace(params=restored.params, opt_state=restored.opt_state)
+            training._truncate_jsonl(d / "metrics.jsonl", start)
+        else:
+            (d / "metrics.jsonl").unlink(missing_ok=True)
     chunk = make_many_chunk(runs)
     groups = chunk.groups  # type: ignore[attr-defined]
     states = [(_stack([runs[i].params for i in g]), _stack([runs[i].opt_state for i in g])) for g in groups]
     histories: list[list[dict]] = [[] for _ in runs]
-    step = 0
+
+    def save(step: int) -> None:
+        for g, (params, opt_state) in zip(groups, states, strict=True):
+            for j, (p, o) in enumerate(zip(_unstack(params, len(g)), _unstack(opt_state, len(g)), strict=True)):
+                if dirs[g[j]] is not None:
+                    checkpoint.save(dirs[g[j]] / "checkpoints", step, p, o)  # type: ignore[operator]
+
+    step = start
     while step < num_steps:
-        stop = min(step + log_every, num_steps)
+        stop = min(step + log_every, num_steps, training.next_boundary(step, num_steps, checkpoint_every))
         t0 = time.perf_counter()
         states, metrics = chunk(states, step, stop)
         metrics = jax.device_get(metrics)
@@ -193,13 +246,16 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
             for j, i in enumerate(g):
                 rec = {k: np.asarray(v[j]).item() for k, v in m.items()}
                 histories[i].append({"step": stop, **rec, "steps_per_second": (stop - step) / seconds})
+                d = dirs[i]
+                if d is not None:
+                    with open(d / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(histories[i][-1]) + "\n")
         step = stop
+        if any(d is not None for d in dirs) and (step == num_steps or (checkpoint_every and
+                                                                      step % checkpoint_every == 0)):
+            save(step)
     results: list[RunResult | None] = [None] * len(runs)
     for g, (params, opt_state) in zip(groups, states, strict=True):
         for j, (p, o) in enumerate(zip(_unstack(params, len(g)), _unstack(opt_state, len(g)), strict=True)):
-            i = g[j]
-            results[i] = RunResult(p, o, histories[i], int(training.skipped_steps(o)))
-            if out_dirs is not None and out_dirs[i] is not None:
-                training.save_checkpoint(out_dirs[i], num_steps, p, o)
+            results[g[j]] = RunResult(p, o, histories[g[j]], int(training.skipped_steps(o)))
     return [r for r in results if r is not None]
-

@@ -189,6 +189,19 @@ def diag_normal_log_prob(z: jax.Array, mean: jax.Array, log_std: jax.Array) -> j
     return jnp.sum(-0.5 * u * u - log_std, axis=-1) - z.shape[-1] * _HALF_LOG_2PI
 
 
+def softplus(logits: jax.Array) -> jax.Array:
+    """``log(1 + e^l) = max(l, 0) + log1p(e^{min(l, -l)})``, equal to :func:`jax.nn.softplus`
+    to float rounding (and at ``+-inf`` and ``nan``).
+
+    ``jax.nn.softplus`` is ``logaddexp(l, 0)``, whose special-value ``select`` XLA CPU
+    does not fuse away: this form costs half as much per element (1.3 vs 2.7 ns on this
+    project's CPU) and cuts ``je.log_likelihood`` of the Burda VAE by about 10%. Its
+    derivative is ``sigmoid(l)``, also at ``l = 0``: ``jnp.maximum`` and ``jnp.minimum``
+    split a tie evenly, where ``-jnp.abs`` would give 0 there.
+    """
+    return jnp.maximum(logits, 0) + jnp.log1p(jnp.exp(jnp.minimum(logits, -logits)))
+
+
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
     """``sum_i x_i log sigma(l_i) + (1 - x_i) log(1 - sigma(l_i)) = sum_i x_i l_i - softplus(l_i)``.
 
@@ -197,7 +210,7 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
     element-wise product, XLA CPU materialises ``x`` broadcast over the K samples
     (``x`` is not batched on that axis); as a dot it does not (~4% of a Burda VAE step).
     """
-    return jnp.einsum("...d,...d->...", x, logits) - jnp.sum(jax.nn.softplus(logits), axis=-1)
+    return jnp.einsum("...d,...d->...", x, logits) - jnp.sum(softplus(logits), axis=-1)
 
 
 def build(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), latent_dim: int = 50,

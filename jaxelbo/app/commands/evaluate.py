@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--eval-num-samples", type=int, default=5000,
                         help="K of the log-likelihood and CUBO_2 estimates (default 5000; 0 skips them)")
-    parser.add_argument("--eval-chunk-size", type=int, default=500, help="samples per chunk")
+    parser.add_argument("--eval-chunk-size", type=int, default=0,
+                        help="samples per chunk (default 0: chosen from the machine's cache and XLA's "
+                             "memory analysis)")
     parser.add_argument("--eval-num-points", type=int, default=None,
                         help="evaluate on the first N images of the split (default: all)")
     parser.add_argument("--method", choices=("iwae", "ais", "all"), default="iwae",
@@ -50,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxelbo evaluate: error: {cfg_path} not found (is {run_dir} a jaxelbo train output?)",
               file=sys.stderr)
         return 2
-    if args.eval_chunk_size < 1:
-        print(f"jaxelbo evaluate: error: --eval-chunk-size must be a positive integer, got {args.eval_chunk_size}",
+    if args.eval_chunk_size < 0:
+        print(f"jaxelbo evaluate: error: --eval-chunk-size must be >= 0 (0: chosen from the machine), "
+              f"got {args.eval_chunk_size}",
               file=sys.stderr)
         return 2
     if args.eval_num_points is not None and args.eval_num_points < 1:

@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-num-samples", type=int, default=d["eval_num_samples"],
                         help="K of the test log-likelihood estimate (default 5000; 0 skips it)")
     parser.add_argument("--eval-chunk-size", type=int, default=d["eval_chunk_size"],
-                        help="samples per chunk of the log-likelihood estimate")
+                        help="samples per chunk of the log-likelihood estimate (default 0: chosen from "
+                             "the machine's cache and XLA's memory analysis)")
     parser.add_argument("--eval-num-points", type=int, default=None,
                         help="evaluate on the first N test images (default: all)")
     parser.add_argument("--no-surgery", dest="surgery", action="store_false", help="skip ELBO surgery")

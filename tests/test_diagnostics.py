@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jaxelbo as je
-from jaxelbo.log_weights import sample_and_log_weights
 from jaxelbo.models import linear_gaussian as lg
+from jaxelbo.weights import sample_and_log_weights
 
 pytestmark = pytest.mark.usefixtures("strict_numerics")
 

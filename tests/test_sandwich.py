@@ -10,8 +10,8 @@ import pytest
 
 import jaxelbo as je
 from jaxelbo.app import evaluation
-from jaxelbo.log_weights import sample_and_log_weights
 from jaxelbo.models import linear_gaussian as lg
+from jaxelbo.weights import sample_and_log_weights
 
 D, N = 3, 24
 MU = jnp.array([0.3, -0.5, 1.0])

@@ -14,7 +14,8 @@ for ``--steps`` iterations (default 2000) instead of 1e-3 for 100k, to fit a loa
 2-core CPU. Seeds are vmapped, so one configuration (method, K) is one compiled program.
 
 Run: ``python benchmarks/rws_gmm.py --steps 2000 --seeds 4`` (writes
-``benchmarks/results/rws_gmm.{json,md,png}``).
+``benchmarks/results/rws_gmm.{json,md,png}``); ``--merge`` adds configurations (e.g. more K)
+to the results already there.
 
 References:
   Le, Kosiorek, Siddharth, Teh & Wood (2019). Revisiting reweighted wake-sleep for models
@@ -185,6 +186,10 @@ def write_outputs(records: list[dict], args: argparse.Namespace, out_dir: Path) 
         p, q = np.asarray(r["p_error"])[:, -1], np.asarray(r["q_error"])[:, -1]
         lines.append(f"| {r['method']} | {r['num_samples']} | {p.mean():.3f} ± {p.std():.3f} | "
                      f"{q.mean():.3f} ± {q.std():.3f} | {r['seconds']:.0f} |")
+    ran = {(r["method"], r["num_samples"]) for r in records}
+    missing = [f"{m} at K = {k}" for k in ks for m in METHODS if (m, k) not in ran]
+    if missing:
+        lines += ["", "Not run: " + ", ".join(missing) + "."]
     lines += ["", "Findings (checked on these numbers, not forced): " + json.dumps(result["findings"])]
     (out_dir / "rws_gmm.md").write_text("\n".join(lines) + "\n")
     try:
@@ -198,14 +203,18 @@ def write_outputs(records: list[dict], args: argparse.Namespace, out_dir: Path) 
         for r in (r for r in records if r["num_samples"] == k):
             for i, name in enumerate(("p_error", "q_error")):
                 v = np.asarray(r[name])
-                axes[i, j].plot(r["iterations"], v.mean(0), label=r["method"])
+                axes[i, j].plot(r["iterations"], v.mean(0), label=r["method"],
+                                color=f"C{METHODS.index(r['method'])}")  # one colour per method in every panel
         axes[0, j].set_title(f"K = {k}")
         axes[1, j].set_xlabel("iteration")
     axes[0, 0].set_ylabel("||p_theta(z) - p_true(z)||")
     axes[1, 0].set_ylabel("E_x ||q(z|x) - p_true(z|x)||")
     for ax in axes.ravel():
         ax.set_yscale("log")
-    axes[0, -1].legend(fontsize=7)
+    from matplotlib.lines import Line2D
+
+    shown = [m for m in METHODS if any(r["method"] == m for r in records)]
+    axes[0, -1].legend([Line2D([], [], color=f"C{METHODS.index(m)}") for m in shown], shown, fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "rws_gmm.png", dpi=110)
 
@@ -219,16 +228,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, action="append", default=None, help="K (repeatable)")
     parser.add_argument("--method", action="append", choices=METHODS, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="add to (or replace configurations of) the records already in --out/rws_gmm.json; "
+                        "they must have the same --steps, --seeds, --lr and --log-every")
     args = parser.parse_args(argv)
     if args.steps % args.log_every:
         parser.error("--steps must be a multiple of --log-every")
     records = []
+    if args.merge and (args.out / "rws_gmm.json").is_file():
+        saved = json.loads((args.out / "rws_gmm.json").read_text())
+        same = {key: saved["meta"][key] == getattr(args, key) for key in ("steps", "seeds", "lr", "log_every")}
+        if not all(same.values()):
+            other = ", ".join(f"{k} {saved['meta'][k]}" for k, ok in same.items() if not ok)
+            parser.error(f"--merge: {args.out / 'rws_gmm.json'} was run with other settings ({other})")
+        chosen = {(m, k) for m in args.method or METHODS for k in args.num_samples or [2, 5, 10, 20]}
+        records = [r for r in saved["records"] if (r["method"], r["num_samples"]) not in chosen]
     for method in args.method or METHODS:
         for k in args.num_samples or [2, 5, 10, 20]:
             rec = run_config(method, k, seeds=args.seeds, steps=args.steps, log_every=args.log_every, lr=args.lr)
             print(f"{method:14s} K={k:3d} p_err={np.mean(np.asarray(rec['p_error'])[:, -1]):.3f} "
                   f"q_err={np.mean(np.asarray(rec['q_error'])[:, -1]):.3f} ({rec['seconds']:.0f} s)", flush=True)
             records.append(rec)
+            records.sort(key=lambda r: (METHODS.index(r["method"]), r["num_samples"]))
             write_outputs(records, args, args.out)   # after every configuration: a cut-short run keeps its results
 
 

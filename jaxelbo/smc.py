@@ -32,6 +32,13 @@ Estimators (``params = {"model": theta, "guide": phi}``):
   evaluated in a second pass that replays the same particles with ``x`` held constant, so
   ``x`` still gets the plain autodiff derivative (arrays closed over by the model or the
   proposal do receive the score term).
+- ``stl``: ``reparam`` with the proposal's density evaluated at ``stop_gradient(phi)``
+  (Roeder et al. 2017's path derivative): ``phi`` keeps only its path through the particles
+  ``z_t = z(phi, eps)``; the ancestors are held fixed as in ``reparam``. The value is the same.
+  At the exact smoothing proposal without resampling every weight is ``p(x)`` whatever the
+  particles, so the ``phi``-gradient is exactly zero, where ``reparam``'s is a zero-mean score
+  term. In general it is biased for ``phi``, like IWAE-STL for ``K > 1``; ``theta``, ``x`` and
+  arrays closed over get the ``reparam`` gradient.
 
 Variable-length batches: ``loss_fn(params, rng, x, lengths=None)``; ``x`` is padded to
 ``(B, T, ...)`` and ``lengths`` ``(B,)`` int gives each sequence's number of valid steps
@@ -46,6 +53,7 @@ References:
   arXiv:1705.11140.
   Douc, Cappé & Moulines (2005). Comparison of resampling schemes for particle filtering.
   arXiv:cs/0507025.
+  Roeder, Wu & Duvenaud (2017). Sticking the Landing. arXiv:1703.09194.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ import jax.numpy as jnp
 from jaxelbo.types import LossFn, PyTree
 
 RESAMPLING = ("multinomial", "systematic", "stratified")
-SMC_ESTIMATORS = ("reparam", "score-resampling")
+SMC_ESTIMATORS = ("reparam", "score-resampling", "stl")
 _TINY = 1e-30
 
 
@@ -293,6 +301,14 @@ def _check_batch(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
     return lengths.astype(jnp.int32)
 
 
+def _path_derivative(proposal: Proposal) -> Proposal:
+    """The proposal with ``log_prob`` evaluated at ``stop_gradient(phi)`` (STL); ``sample`` unchanged."""
+    def log_prob(phi: PyTree, t: jax.Array, z_prev: PyTree | None, x: jax.Array, z: PyTree) -> jax.Array:
+        return proposal.log_prob(jax.lax.stop_gradient(phi), t, z_prev, x, z)
+
+    return Proposal(sample=proposal.sample, log_prob=log_prob)
+
+
 def smc_bound(model: StateSpaceModel, proposal: Proposal, *, num_particles: int,
               resampling: str = "multinomial", resample_when: str | float = "always",
               estimator: str = "reparam") -> LossFn:
@@ -308,7 +324,8 @@ def smc_bound(model: StateSpaceModel, proposal: Proposal, *, num_particles: int,
       resampling: ``multinomial`` (default), ``systematic`` or ``stratified``.
       resample_when: ``"always"`` (default), ``"never"`` (IWAE over trajectories) or an ESS
         fraction ``f`` in (0, 1] (resample when ESS < f K).
-      estimator: ``reparam`` (default) or ``score-resampling``.
+      estimator: ``reparam`` (default), ``score-resampling`` or ``stl`` (path derivative for the
+        proposal: its density at ``stop_gradient(phi)``).
 
     Returns:
       ``loss_fn(params, rng, x, lengths=None) -> (loss, aux)`` with ``params = {"model":
@@ -333,6 +350,8 @@ def smc_bound(model: StateSpaceModel, proposal: Proposal, *, num_particles: int,
     """
     _check_config(num_particles, resampling, resample_when, estimator)
     config = dict(num_particles=num_particles, resampling=resampling, resample_when=resample_when)
+    if estimator == "stl":
+        proposal = _path_derivative(proposal)
 
     def loss_fn(params: dict, rng: jax.Array, x: jax.Array, lengths: jax.Array | None = None
                 ) -> tuple[jax.Array, dict]:

@@ -12,6 +12,13 @@ units per method, one and two stochastic layers).
     python benchmarks/train_table.py --dataset fashion-mnist --stochastic-layers 1 2 \\
         --steps 3000 --seeds 0 --eval-num-points 500  # binarised Fashion-MNIST, 5 methods x 2
     python benchmarks/train_table.py --steps 200 --seeds 0 --out runs/table   # a smoke run
+    python benchmarks/train_table.py --runs together   # every run of the table as one vmapped program
+
+``--runs together`` trains every run (method x layers x seed) with
+:func:`jaxelbo.app.train_many.train_many` (one compiled program advancing all of them, each
+with its own streams; parameters equal to the runs trained in turn up to float rounding)
+and then evaluates each as ``--runs in-turn`` does; ``train_seconds`` is then the table's
+training wall time divided by the number of runs, and ``table_train_seconds`` the whole.
 
 Fashion-MNIST is read from where Debian's ``dataset-fashion-mnist`` package installs it
 (or ``--data-dir``). Results are written after every run, so an interrupted table keeps
@@ -72,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate on the first N test images (default: all)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="labels to run (default: all for digits, the five of PAPER_METHODS otherwise)")
+    p.add_argument("--runs", choices=("in-turn", "together"), default="in-turn",
+                   help="train the runs one after another, or all as one vmapped program (train_many)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--markdown-only", action="store_true",
@@ -260,6 +269,45 @@ def write(result: dict, out: Path) -> None:
         figure(result, out / f"{name}.png")
 
 
+def train_together(runs, settings_of, args, cache: dict) -> dict:
+    """Every run of the table trained as one program (``train_many``), then each evaluated."""
+    import jax
+
+    from jaxelbo.app import data, evaluation, training
+    from jaxelbo.app.experiment import as_settings, build_experiment
+    from jaxelbo.app.train_many import Run, train_many
+
+    built = []
+    for (label, objective, estimator, extra), layers, seed in runs:
+        settings = as_settings(settings_of(objective, estimator, extra, layers, seed))
+        ds, net, loss_fn, optimizer = build_experiment(settings, cache)
+        key = ("step", ds.name, json.dumps(net.config), *settings.compile_key())  # as train_and_evaluate
+        if cache.get(key) is None:
+            cache[key] = training.make_train_step(loss_fn, optimizer)
+        step_fn = cache[key]
+        batches = data.BatchIterator(ds.train, settings.batch_size, settings.seed, settings.binarization)
+        built.append((label, layers, seed, settings, ds, net,
+                      Run(step_fn, net.params, optimizer.init(net.params), batches, settings.seed)))
+    t0 = time.perf_counter()
+    results = train_many([b[-1] for b in built], num_steps=args.steps, log_every=max(args.steps // 10, 1))
+    jax.block_until_ready([r.params for r in results])
+    table_seconds = time.perf_counter() - t0
+    rates = [h["steps_per_second"] for h in results[0].history[1:] or results[0].history]
+    per_run: dict = {}
+    for (label, layers, seed, settings, ds, net, _), res in zip(built, results, strict=True):
+        t_eval = time.perf_counter()
+        x_test = data.evaluation_split(ds, "test", settings.binarization)[:settings.eval_num_points]
+        test = evaluation.evaluate(net.model, net.guide, res.params, jax.random.key(settings.seed + 10_000), x_test,
+                                   posterior_means=net.posterior_means, num_samples_ll=settings.eval_num_samples,
+                                   chunk_size=settings.eval_chunk_size, surgery=settings.surgery, progress=False)
+        per_run.setdefault((label, layers), []).append(
+            {"seed": seed, **test, "train_seconds": table_seconds / len(runs), "table_train_seconds": table_seconds,
+             "evaluate_seconds": time.perf_counter() - t_eval, "steps_per_second": float(np.median(rates)),
+             "skipped_steps": res.skipped_steps})
+        print(f"{label}, {layers} layer(s), seed {seed}: {json.dumps(per_run[(label, layers)][-1])}", flush=True)
+    return per_run
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -286,13 +334,21 @@ def main(argv=None) -> int:
     # method by method, both layer counts together, so a partial table already compares them
     runs = [(m, layers, seed) for m in methods for layers in args.stochastic_layers for seed in args.seeds]
     per_run: dict = {}
-    for (label, objective, estimator, extra), layers, seed in tqdm(runs, disable=args.no_progress, desc="runs"):
-        settings = {**DEFAULTS, "dataset": args.dataset, "data_dir": args.data_dir, "objective": objective,
-                    "estimator": estimator, "num_samples": args.num_samples, "steps": args.steps,
-                    "batch_size": args.batch_size, "seed": seed, "learning_rate": args.learning_rate,
-                    "eval_every": 0, "checkpoint_every": 0, "log_every": max(args.steps // 10, 1),
-                    "eval_num_samples": args.eval_num_samples, "eval_num_points": args.eval_num_points,
-                    "surgery": False, "stochastic_layers": layers, **extra}
+
+    def settings_of(objective, estimator, extra, layers, seed):
+        return {**DEFAULTS, "dataset": args.dataset, "data_dir": args.data_dir, "objective": objective,
+                "estimator": estimator, "num_samples": args.num_samples, "steps": args.steps,
+                "batch_size": args.batch_size, "seed": seed, "learning_rate": args.learning_rate,
+                "eval_every": 0, "checkpoint_every": 0, "log_every": max(args.steps // 10, 1),
+                "eval_num_samples": args.eval_num_samples, "eval_num_points": args.eval_num_points,
+                "surgery": False, "stochastic_layers": layers, **extra}
+
+    if args.runs == "together":
+        per_run = train_together(runs, settings_of, args, cache)
+        write(summarise(per_run, methods, settings_record, ds_sizes, time.perf_counter() - t0, environment()), out)
+    for (label, objective, estimator, extra), layers, seed in tqdm(runs if args.runs == "in-turn" else [],
+                                                                  disable=args.no_progress, desc="runs"):
+        settings = settings_of(objective, estimator, extra, layers, seed)
         summary = train_and_evaluate(settings, None, progress=False, plots=False, cache=cache)
         per_run.setdefault((label, layers), []).append(
             {"seed": seed, **summary["test"], "train_seconds": summary["wall_seconds"]["train"],

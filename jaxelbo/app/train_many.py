@@ -245,7 +245,8 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
         for g, m in zip(groups, metrics, strict=True):
             for j, i in enumerate(g):
                 rec = {k: np.asarray(v[j]).item() for k, v in m.items()}
-                histories[i].append({"step": stop, **rec, "steps_per_second": (stop - step) / seconds})
+                histories[i].append({"step": stop, "split": "train", **rec,
+                                     "steps_per_second": (stop - step) / seconds})
                 d = dirs[i]
                 if d is not None:
                     with open(d / "metrics.jsonl", "a") as f:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxelbo._validation import batch_size_of
+from jaxelbo._validation import batch_size_of, check_inputs
 from jaxelbo.types import Guide, Model, PyTree, log_joint
 
 __all__ = ["batch_size_of", "effective_sample_size", "leave_one_out_logsumexp", "leave_one_out_mean",
@@ -104,6 +104,7 @@ def log_weights(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyT
       >>> je.log_weights(lg.model(), lg.guide(), params, jax.random.key(0), x, num_samples=5).shape
       (2, 5)
     """
+    check_inputs(model, guide, params, rng, x)
     keys = sample_keys(rng, batch_size_of(x), num_samples)
     _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x)
     return log_p - log_q

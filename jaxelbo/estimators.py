@@ -197,10 +197,13 @@ def dreg_ratio_from_weights(c: jax.Array, d: jax.Array) -> jax.Array:
     """``r_k = d_k / c_k``, and 0 where ``|c_k|`` underflows (below ``1e8`` times the tiniest normal).
 
     The single-pass DReG routes ``phi``'s cotangent as ``r_k c_k = d_k``; a sample whose
-    ``c_k`` is (numerically) zero then contributes nothing to ``phi``.
+    ``c_k`` is (numerically) zero then contributes nothing to ``phi``. Computed in float32
+    at least (``1e8 * tiny`` of float16 is out of its range), returned in ``c``'s dtype.
     """
-    safe = jnp.abs(c) > 1e8 * jnp.finfo(c.dtype).tiny
-    return jnp.where(safe, d / jnp.where(safe, c, 1.0), 0.0)
+    wide = jnp.promote_types(c.dtype, jnp.float32)      # float16's 1e8 * tiny overflows: compare in float32
+    c32, d32 = c.astype(wide), d.astype(wide)
+    safe = jnp.abs(c32) > 1e8 * jnp.finfo(wide).tiny
+    return jnp.where(safe, d32 / jnp.where(safe, c32, 1.0), 0.0).astype(c.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,8 +324,11 @@ def _routed(model: Model, guide: Guide, theta: PyTree, phi: PyTree, keys: jax.Ar
         q_live = (q_phi, l_x, l_cq, l_z)
         log_q, q_lin = _linearize(lambda p, xx, c, zz: log_q_c(p, xx, zz, *c), (phi, x, cq, z), q_live)
         log_w = log_p - log_q
+        # the per-sample weights are computed in float32 at least (float16 loses them) and cast back
+        wide = jnp.promote_types(log_w.dtype, jnp.float32)
         ratio = None if ratio_fn is None else sg(
-            ratio_fn(log_w.reshape((log_w.shape[0], *sample_shape))).reshape(log_w.shape))
+            ratio_fn(log_w.astype(wide).reshape((log_w.shape[0], *sample_shape))).reshape(log_w.shape)
+            .astype(log_w.dtype))
 
         def times_r(t: PyTree) -> PyTree:
             return t if ratio is None else _scale_leaves(t, ratio)

@@ -193,6 +193,11 @@ def dreg_weights(bound_fn: BoundFn, log_weights: jax.Array) -> tuple[jax.Array, 
     return c.reshape(shape), (c - hessian_diag).reshape(shape)
 
 
+def _at_least_float32(dtype: Any) -> Any:
+    """``float32`` for a narrower float dtype (float16, bfloat16), else ``dtype`` itself."""
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
 def dreg_ratio_from_weights(c: jax.Array, d: jax.Array) -> jax.Array:
     """``r_k = d_k / c_k``, and 0 where ``|c_k|`` underflows (below ``1e8`` times the tiniest normal).
 
@@ -200,7 +205,7 @@ def dreg_ratio_from_weights(c: jax.Array, d: jax.Array) -> jax.Array:
     ``c_k`` is (numerically) zero then contributes nothing to ``phi``. Computed in float32
     at least (``1e8 * tiny`` of float16 is out of its range), returned in ``c``'s dtype.
     """
-    wide = jnp.promote_types(c.dtype, jnp.float32)      # float16's 1e8 * tiny overflows: compare in float32
+    wide = _at_least_float32(c.dtype)                   # float16's 1e8 * tiny overflows: compare in float32
     c32, d32 = c.astype(wide), d.astype(wide)
     safe = jnp.abs(c32) > 1e8 * jnp.finfo(wide).tiny
     return jnp.where(safe, d32 / jnp.where(safe, c32, 1.0), 0.0).astype(c.dtype)
@@ -325,7 +330,7 @@ def _routed(model: Model, guide: Guide, theta: PyTree, phi: PyTree, keys: jax.Ar
         log_q, q_lin = _linearize(lambda p, xx, c, zz: log_q_c(p, xx, zz, *c), (phi, x, cq, z), q_live)
         log_w = log_p - log_q
         # the per-sample weights are computed in float32 at least (float16 loses them) and cast back
-        wide = jnp.promote_types(log_w.dtype, jnp.float32)
+        wide = _at_least_float32(log_w.dtype)
         ratio = None if ratio_fn is None else sg(
             ratio_fn(log_w.astype(wide).reshape((log_w.shape[0], *sample_shape))).reshape(log_w.shape)
             .astype(log_w.dtype))

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo._validation import check_inputs
-from jaxelbo.estimators import leave_one_out_logsumexp
+from jaxelbo.estimators import leave_one_out_logsumexp, score_surrogate
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, LossFn, Model, PyTree
 from jaxelbo.weights import batch_size_of, effective_sample_size, log_mean_exp, sample_and_log_weights, sample_keys
@@ -106,15 +106,15 @@ def ovis_mc_loss(model: Model, guide: Guide, *, num_samples: int, num_auxiliary:
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
         check_inputs(model, guide, params, rng, x)
         batch = batch_size_of(x)
-        _, log_p, log_q = sample_and_log_weights(model, guide, params, sample_keys(rng, batch, k), x, stop_z=True)
-        log_w = log_p - log_q
         aux_keys = sample_keys(jax.random.fold_in(rng, 1), batch, s)
         _, aux_p, aux_q = sample_and_log_weights(model, guide, sg(params), aux_keys, x, stop_z=True)
-        signal = sg(ovis_mc_signal(log_w, sg(aux_p - aux_q)))
-        bound = log_mean_exp(log_w)
-        surrogate = bound + jnp.sum(signal * (log_q - sg(log_q)), axis=-1)
+        aux_log_w = sg(aux_p - aux_q)
+        # the score-function routing of every other estimator: phi gets the signals on dlog q/dphi
+        # (and the direct term), theta c_k, x and closed-over arrays the plain derivative of the value
+        surrogate, log_w = score_surrogate(model, guide, params, rng, x, sample_shape=(k,), bound_fn=log_mean_exp,
+                                           signal_fn=lambda lw: ovis_mc_signal(lw, aux_log_w), direct=True)
         lw = sg(log_w)
-        aux = {"bound": sg(bound), "log_weights": lw, "ess": effective_sample_size(lw, axis=-1)}
+        aux = {"bound": sg(surrogate), "log_weights": lw, "ess": effective_sample_size(lw, axis=-1)}
         if psis_tail_size(k) >= 5:
             aux["khat"] = psis_khat(lw)
         return -jnp.mean(surrogate), aux

@@ -67,8 +67,8 @@ def check_pair(objective: str, estimator: str, model, guide, params, x, rng) -> 
     scale = float(np.max(np.abs(fd)))
     err = float(np.max(np.abs(grad - fd)))
     return {"objective": objective, "estimator": estimator, "max_abs_fd": scale,
-            "max_abs_grad": float(np.max(np.abs(grad))), "max_abs_error": err, "relative_error": err / scale if scale > 0 else None,
-            "grad_is_zero": bool(np.all(grad == 0))}
+            "max_abs_grad": float(np.max(np.abs(grad))), "max_abs_error": err,
+            "relative_error": err / scale if scale > 0 else None, "grad_is_zero": bool(np.all(grad == 0))}
 
 
 def run(label: str) -> dict:

@@ -29,7 +29,7 @@ COLAB_URL = "https://colab.research.google.com/github/jaxelbo/jaxelbo/blob/main/
 
 def test_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
-    for prefix in ("00_", "01_", "02_", "03_", "04_", "05_", "06_", "07_"):
+    for prefix in ("00_", "01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_"):
         assert any(n.startswith(prefix) for n in names), f"no notebook {prefix}*.ipynb in {NOTEBOOK_DIR}"
 
 

@@ -92,13 +92,34 @@ def _call_args(x: Any, num_args: int) -> tuple:
     return x
 
 
+class _LastSample(Messenger):
+    """Remembers the sample site being processed (to name one that cannot be sampled)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.site: tuple[str, Any] | None = None
+        super().__init__(fn)
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample":
+            self.site = (msg["name"], msg["fn"])
+
+
 def _trace(fn: Callable, args: tuple, substitute_fn: Callable | None = None,
            rng: jax.Array | None = None) -> dict:
     if substitute_fn is not None:
         fn = handlers.substitute(fn, substitute_fn=substitute_fn)
     if rng is not None:
         fn = handlers.seed(fn, rng)
-    return handlers.trace(fn).get_trace(*args)
+    last = _LastSample(fn)
+    try:
+        return handlers.trace(last).get_trace(*args)
+    except NotImplementedError as e:  # a distribution without a sampler (ImproperUniform) raises it bare
+        if str(e) or last.site is None:
+            raise
+        name, dist_fn = last.site
+        raise ValueError(f"sample site {name!r} ({type(dist_fn).__name__}) cannot be sampled (an improper "
+                         f"prior?): the bridge draws every latent from the guide, so the guide needs a proper site "
+                         f"{name!r}") from None
 
 
 def _is_latent(site: dict) -> bool:

@@ -1161,3 +1161,31 @@ def test_a_double_sigterm_50_ms_apart_exits_143_in_one_line(tmp_path):
     assert f"interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in err, err
     assert not [p.name for p in (out / "checkpoints").iterdir() if not p.name.isdigit()]
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_an_improper_prior_the_guide_does_not_cover_is_one_line_naming_the_site():
+    numpyro = pytest.importorskip("numpyro")
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+
+    from jaxelbo.numpyro import from_numpyro
+
+    def model(x):
+        z = numpyro.sample("z", dist.ImproperUniform(constraints.real, (), (2,)))
+        numpyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide_without_z(x):
+        numpyro.sample("w", dist.Normal(numpyro.param("loc", jnp.zeros(2)), 1.0).to_event(1))
+
+    def improper_guide(x):
+        numpyro.sample("z", dist.ImproperUniform(constraints.real, (), (2,)))
+
+    for guide in (guide_without_z, improper_guide):
+        with pytest.raises(ValueError, match=r"sample site 'z' \(ImproperUniform\) cannot be sampled") as e:
+            from_numpyro(model, guide, jax.random.key(0), jnp.ones(2))
+        assert "\n" not in str(e.value)
+
+    def guide(x):  # a proper guide for the improper prior: fine, the prior is only evaluated
+        numpyro.sample("z", dist.Normal(numpyro.param("loc", jnp.zeros(2)), 1.0).to_event(1))
+
+    from_numpyro(model, guide, jax.random.key(0), jnp.ones(2))

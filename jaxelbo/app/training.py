@@ -253,7 +253,7 @@ def _to_python(tree) -> Any:
 
 def _metrics_lines(path: Path) -> list[tuple[int, str, dict | None, str]]:
     """``(line number, text, record or None, why not a record)`` of each non-blank line of ``path``."""
-    out = []
+    out: list[tuple[int, str, dict | None, str]] = []
     for i, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
             text = raw.decode("utf-8")

@@ -74,8 +74,8 @@ from jaxelbo.weights import (
 
 __all__ = ["ESTIMATORS", "PATHWISE", "SCORE_FUNCTION", "check_continuous_latents", "dreg_ratio_from_weights",
            "dreg_weights", "elbo_score_signal", "iwae_score_signal", "leave_one_out_logsumexp",
-           "leave_one_out_mean", "leave_one_out_signal", "pathwise_surrogate", "score_surrogate",
-           "vimco_signal"]
+           "leave_one_out_mean", "leave_one_out_signal", "pathwise_surrogate", "reparameterized_leaves",
+           "score_surrogate", "vimco_signal"]
 
 #: ``ovis`` / ``ovis-mc``: :mod:`jaxelbo.ovis`
 ESTIMATORS: tuple[Estimator, ...] = ("reparam", "stl", "dreg", "score", "vimco", "ovis", "ovis-mc")
@@ -378,6 +378,15 @@ def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTr
     (or boolean) ``z`` has no such derivative. Costs no FLOPs (``jax.eval_shape``).
     """
     z = jax.eval_shape(lambda p: sample_latents(guide, p, keys, x), phi)
+    declared = reparameterized_leaves(guide, z)
+    if declared is not None and not all(declared):
+        paths = [jax.tree_util.keystr(path) for (path, _), flag in
+                 zip(jax.tree_util.tree_flatten_with_path(z)[0], declared, strict=True) if not flag]
+        raise TypeError(f"estimator {estimator!r} differentiates through z, but the guide declares "
+                        f"z{', z'.join(paths)} not reparameterised (Guide.reparameterized); use a per-site "
+                        f"estimator such as "
+                        f"estimator={{'continuous': 'dreg', 'discrete': 'vimco'}} (jaxelbo.per_site), or a "
+                        f"score-function estimator: {' or '.join(map(repr, SCORE_FUNCTION))}")
     for path, leaf in jax.tree_util.tree_flatten_with_path(z)[0]:
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             where = f" at {jax.tree_util.keystr(path)}" if path else ""
@@ -390,6 +399,27 @@ def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTr
                         f"no derivative with respect to phi (a discrete sample cast to float, or a stop_gradient): "
                         f"the pathwise gradient would be silently zero or biased; for discrete latents use a "
                         f"score-function estimator: {' or '.join(map(repr, SCORE_FUNCTION))}")
+
+
+def reparameterized_leaves(guide: Guide, z: PyTree) -> list[bool] | None:
+    """Per leaf of ``z``, the guide's declaration :attr:`Guide.reparameterized`; ``None`` if it has none.
+
+    The declaration is a pytree prefix of ``z`` with bool leaves; a mismatch raises a
+    ``ValueError`` naming both structures.
+    """
+    declared = guide.reparameterized
+    if declared is None:
+        return None
+    try:
+        full = jax.tree_util.tree_map(lambda flag, sub: jax.tree_util.tree_map(lambda _: flag, sub), declared, z)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"Guide.reparameterized must be a pytree prefix of z with bool leaves; got "
+                         f"{jax.tree_util.tree_structure(declared)} for z of structure "
+                         f"{jax.tree_util.tree_structure(z)}") from e
+    flags = jax.tree_util.tree_leaves(full)
+    if not all(isinstance(f, bool) for f in flags):
+        raise TypeError(f"Guide.reparameterized must have Python bool leaves, got {declared!r}")
+    return flags
 
 
 def _latents_without_derivative(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTree) -> list:

@@ -82,10 +82,23 @@ class Guide(NamedTuple):
         estimators (``score``, ``vimco``) never differentiate it, so ``z`` may be
         discrete.
       log_prob: ``(phi, x, z) -> scalar``, ``log q_phi(z | x)``.
+      reparameterized: optional declaration of which latents are reparameterised: a
+        pytree prefix of ``z`` with bool leaves (``{"mu": True, "k": False}`` for a dict
+        ``z``). ``None`` (the default): all of ``z`` for the pathwise estimators, none for
+        the score-function ones. A pathwise estimator refuses a guide that declares a
+        site ``False``; a per-site estimator (``estimator={"continuous": "dreg",
+        "discrete": "vimco"}``, :mod:`jaxelbo.per_site`) gives the ``True`` sites their
+        pathwise gradient and the others a score-function one.
+      discrete_log_prob: optional ``(phi, x, z) -> scalar``, the log-density of the sites
+        declared ``False`` alone (each given its parents in the guide); needed by the
+        per-site estimators. Those sites must not depend on the values of the
+        reparameterised ones (sample them first, or independently).
     """
 
     sample: Callable[[PyTree, jax.Array, PyTree], PyTree]
     log_prob: Callable[[PyTree, PyTree, PyTree], jax.Array]
+    reparameterized: PyTree | None = None
+    discrete_log_prob: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
 
 
 def log_joint(model: Model, theta: PyTree, x: PyTree, z: PyTree) -> jax.Array:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo import estimators as est
-from jaxelbo import ovis, registry, wake_sleep
+from jaxelbo import ovis, per_site, registry, wake_sleep
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Aux, Estimator, Guide, LossFn, Model, PyTree
@@ -46,7 +46,7 @@ _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; see `piwae`.
 PerExampleFn = Callable[[jax.Array], jax.Array]
 
 
-def _as_estimator(estimator: str) -> Estimator:
+def _as_estimator(estimator: str | Mapping[str, str]) -> Estimator:
     """A built-in's ``estimator`` (any string; :func:`make_objective` validates it) as the Literal type."""
     return cast(Estimator, estimator)
 
@@ -82,7 +82,7 @@ def _check_bound_fn(bound_fn: PerExampleFn, sample_shape: tuple[int, ...], dtype
 
 
 def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
-                   num_samples: int | tuple[int, ...], estimator: Estimator = "reparam",
+                   num_samples: int | tuple[int, ...], estimator: Estimator | Mapping[str, str] = "reparam",
                    dreg_ratio: PerExampleFn | None = None,
                    signals: Mapping[str, PerExampleFn] | None = None,
                    phi_ratio: PerExampleFn | None = None, direct_score: bool = True,
@@ -116,7 +116,9 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
       bound_fn: ``F``, one example's log-weights -> scalar.
       num_samples: ``K``, or a tuple such as ``(M, K)`` (``prod`` draws per example).
       estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score`` (``vimco`` or another
-        score-function signal only through ``signals``).
+        score-function signal only through ``signals``), or a per-site estimator
+        ``{"continuous": P, "discrete": S}`` for a guide that declares its reparameterised
+        sites (:mod:`jaxelbo.per_site`).
       dreg_ratio: optional closed form of ``d / c`` for one example (cheaper than autodiff
         for large N); where ``c_k`` is 0 a sample gives nothing to ``phi``.
       signals: optional closed-form learning signals per score-function estimator, e.g.
@@ -156,8 +158,19 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
         raise TypeError(f"bound_fn must be a function of one example's log-weights, got {bound_fn!r}")
     sample_shape = _sample_shape(num_samples)
     signals = dict(signals or {})
-    if name is not None and name in registry.names():
-        registry.check_estimator(name, estimator)
+    sites: per_site.PerSite | None = None
+    if per_site.is_per_site(estimator):
+        if name is not None and name in registry.names():
+            valid = registry.get(name).estimators
+        else:
+            valid = tuple(e for e in est.ESTIMATORS if e in est.PATHWISE or e == "score" or e in signals)
+        score_valid = tuple(e for e in est.SCORE_FUNCTION if e in valid and (e == "score" or e in signals))
+        if not direct_score:
+            score_valid = ()
+        sites = per_site.parse(cast(Mapping[str, Any], estimator),
+                               tuple(e for e in est.PATHWISE if e in valid), score_valid, name or "make_objective")
+    elif name is not None and name in registry.names():
+        registry.check_estimator(name, cast(str, estimator))
     else:
         supported = tuple(e for e in est.ESTIMATORS if e in est.PATHWISE or e == "score" or e in signals)
         _check_custom_estimator(estimator, supported)
@@ -175,11 +188,15 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
     def generic_signal(lw: jax.Array) -> jax.Array:
         return est.leave_one_out_signal(bound_fn, lw)
 
-    signal = signals.get(estimator, generic_signal)
+    signal = signals.get(sites.discrete if sites is not None else cast(str, estimator), generic_signal)
 
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, Aux]:
         check_inputs(model, guide, params, rng, x)
-        if estimator in est.PATHWISE:
+        if sites is not None:
+            surrogate, log_w = per_site.per_site_surrogate(
+                model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound, estimator=sites,
+                signal_fn=jax.vmap(signal), dreg_ratio=batched(dreg_ratio), phi_ratio=batched(phi_ratio))
+        elif estimator in est.PATHWISE:
             surrogate, log_w = est.pathwise_surrogate(
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound,
                 estimator=estimator, dreg_ratio=batched(dreg_ratio), phi_ratio=batched(phi_ratio))
@@ -196,8 +213,9 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
             aux["khat"] = psis_khat(flat)
         return -jnp.mean(surrogate), aux
 
-    loss_fn.__name__ = f"{label}_{estimator}_loss"
-    loss_fn.__doc__ = f"-mean {label} bound; gradient: {estimator} estimator. Returns (loss, aux)."
+    spelled = sites.name if sites is not None else estimator
+    loss_fn.__name__ = f"{label}_{spelled}_loss"
+    loss_fn.__doc__ = f"-mean {label} bound; gradient: {spelled} estimator. Returns (loss, aux)."
     return loss_fn
 
 
@@ -210,7 +228,8 @@ def _softmax(log_w: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "reparam") -> LossFn:
+def elbo(model: Model, guide: Guide, *, num_samples: int = 1,
+         estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """The K-sample ELBO, ``mean_k log w~_k`` (Kingma & Welling 2014, arXiv:1312.6114).
 
     .. math:: \\mathcal{L}_K = \\frac{1}{K} \\sum_k \\log \\frac{p_\\theta(x, z_k)}{q_\\phi(z_k|x)}
@@ -222,7 +241,8 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
       model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_samples: K >= 1 draws per example (default 1).
-      estimator: ``reparam`` (default), ``stl`` or ``score``.
+      estimator: ``reparam`` (default), ``stl`` or ``score``; or per site,
+        ``{"continuous": "reparam" | "stl", "discrete": "score"}`` (:mod:`jaxelbo.per_site`).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -245,7 +265,7 @@ def elbo(model: Model, guide: Guide, *, num_samples: int = 1, estimator: str = "
                           signals={"score": est.elbo_score_signal}, name="elbo")
 
 
-def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam",
+def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mapping[str, str] = "reparam",
          gamma: float | None = None, num_auxiliary: int | None = None) -> LossFn:
     """The importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, arXiv:1509.00519).
 
@@ -263,7 +283,9 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repa
       num_samples: K >= 1 importance samples per example.
       estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score``, ``vimco``, ``ovis`` or
         ``ovis-mc`` (the last four also for discrete latents; ``ovis``/``ovis-mc`` are the
-        control variates of Liévin et al. 2020, arXiv:2008.01998, see :mod:`jaxelbo.ovis`).
+        control variates of Liévin et al. 2020, arXiv:2008.01998, see :mod:`jaxelbo.ovis`); or
+        per site for a mixed guide, ``{"continuous": "dreg", "discrete": "vimco"}``
+        (any of ``reparam``/``stl``/``dreg`` with ``score``/``vimco``; :mod:`jaxelbo.per_site`).
       gamma: ``ovis`` only: the asymptotic control variate's ``gamma`` (default 1, the
         paper's; biased unless 0, see :mod:`jaxelbo.ovis`).
       num_auxiliary: ``ovis-mc`` only: S extra draws for the control variate (default K).

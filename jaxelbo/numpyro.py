@@ -26,9 +26,13 @@ regression) are one example: pass the whole data set as a batch of one, ``X[None
 
 Discrete latents: a guide site whose distribution is not reparameterisable
 (``has_rsample`` is false, e.g. ``Categorical``) works with the score-function estimators
-``score`` and ``vimco``; a pathwise estimator (``reparam``, ``stl``, ``dreg``) raises an
-error naming the site when it is differentiated. Such values travel in ``z`` as floats and
-are cast back to the site's integer type inside the model and the guide.
+``score`` and ``vimco``, and, beside reparameterised sites, with a per-site estimator such
+as ``estimator={"continuous": "dreg", "discrete": "vimco"}`` (:mod:`jaxelbo.per_site`;
+the bridge fills :attr:`~jaxelbo.Guide.reparameterized` from ``has_rsample`` and
+:attr:`~jaxelbo.Guide.discrete_log_prob` from those sites' densities). A plain pathwise
+estimator (``reparam``, ``stl``, ``dreg``) raises at trace time, naming the site. Such
+values travel in ``z`` as floats and are cast back to the site's integer type inside the
+model and the guide.
 
 Example:
   >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -578,12 +582,19 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
             z[n] = guard(jnp.asarray(z[n]).astype(float_dtype), phi)
         return z
 
-    def log_prob(phi: dict, x: Any, z: dict) -> jax.Array:
+    def guide_terms(phi: dict, x: Any, z: dict) -> dict:
         _check_example(x, layout)
         sub = cast(z, [n for n in guide_latents if not _is_delta(guide_trace[n]["fn"])], guide_ints, guide_axes)
         trace = _trace(guide_fn, layout.call_args(x),
                        _substitution(_constrain(phi, guide_transforms), sub, skip_delta=True))
-        total = _sum([log_density(trace, trace[n]) for n in guide_latents])
+        return {n: log_density(trace, trace[n]) for n in guide_latents}
+
+    def discrete_log_prob(phi: dict, x: Any, z: dict) -> jax.Array:
+        terms = guide_terms(phi, x, z)
+        return _sum([terms[n] for n in not_reparam])
+
+    def log_prob(phi: dict, x: Any, z: dict) -> jax.Array:
+        total = _sum(list(guide_terms(phi, x, z).values()))
         # A path for a pathwise gradient to reach the guard of a discrete site (its value
         # enters the densities only through an integer cast, which has no derivative).
         for n in not_reparam:
@@ -593,7 +604,8 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
     params = {"model": _unconstrain(model_trace, model_transforms),
               "guide": _unconstrain(guide_trace, guide_transforms)}
     return (Model(log_prior=log_prior, log_likelihood=log_likelihood),
-            Guide(sample=sample, log_prob=log_prob), params)
+            Guide(sample=sample, log_prob=log_prob, discrete_log_prob=discrete_log_prob,
+                  reparameterized={n: n not in not_reparam for n in guide_latents}), params)
 
 
 

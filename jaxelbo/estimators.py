@@ -52,7 +52,7 @@ backward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -404,12 +404,15 @@ def check_continuous_latents(guide: Guide, phi: PyTree, keys: jax.Array, x: PyTr
 def reparameterized_leaves(guide: Guide, z: PyTree) -> list[bool] | None:
     """Per leaf of ``z``, the guide's declaration :attr:`Guide.reparameterized`; ``None`` if it has none.
 
-    The declaration is a pytree prefix of ``z`` with bool leaves; a mismatch raises a
-    ``ValueError`` naming both structures.
+    The declaration is a pytree prefix of ``z`` with bool leaves (a top-level mapping of
+    another type, e.g. a hashable one that keeps the guide hashable, reads as a dict); a
+    mismatch raises a ``ValueError`` naming both structures.
     """
     declared = guide.reparameterized
     if declared is None:
         return None
+    if isinstance(declared, Mapping) and type(declared) is not dict:  # a hashable mapping reads as a dict
+        declared = dict(declared)
     try:
         full = jax.tree_util.tree_map(lambda flag, sub: jax.tree_util.tree_map(lambda _: flag, sub), declared, z)
     except (ValueError, TypeError) as e:

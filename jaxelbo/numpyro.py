@@ -327,6 +327,13 @@ def _pathwise_guard(sites: list[str]) -> Callable:
     return guard
 
 
+class _Declaration(dict):
+    """``{site: reparameterised?}``, hashable so that the bridged :class:`~jaxelbo.Guide` stays hashable."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
 class _DataPlate(Messenger):
     """Sets the indices of the data plate: all of them, or the first only (one data point)."""
 
@@ -605,7 +612,7 @@ def from_numpyro(model_fn: Callable, guide_fn: Callable, rng: jax.Array,
               "guide": _unconstrain(guide_trace, guide_transforms)}
     return (Model(log_prior=log_prior, log_likelihood=log_likelihood),
             Guide(sample=sample, log_prob=log_prob, discrete_log_prob=discrete_log_prob,
-                  reparameterized={n: n not in not_reparam for n in guide_latents}), params)
+                  reparameterized=_Declaration({n: n not in not_reparam for n in guide_latents})), params)
 
 
 

@@ -244,6 +244,7 @@ def numpyro_pair():
 def test_bridge_declares_sites_and_matches_the_hand_written_guide():
     model, guide, params = numpyro_pair()
     assert guide.reparameterized == {"c": True, "d": False}
+    hash(guide)                                   # the bridged guide stays hashable (jit static, lru_cache)
     phi = params["guide"]
     for d, c, x in ((0, -0.3, 0.7), (2, 1.1, -0.4)):
         z = {"c": jnp.asarray(c), "d": jnp.asarray(float(d))}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxelbo import snr
 from jaxelbo._chunking import choose_rows, split_rows
 from jaxelbo._validation import check_count, check_inputs
+from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.snr import PairedBiasTest, paired_t_statistics
 from jaxelbo.types import Guide, LossFn, Model, PyTree
 from jaxelbo.weights import (
@@ -240,9 +241,22 @@ def log_likelihood_chunks(model: Model, guide: Guide, params: dict, rng: jax.Arr
     return split_rows(rows, batch_size_of(x), num_samples)
 
 
+@overload
+def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                   num_samples: int = ..., chunk_size: int | str | None = ...,
+                   points_per_chunk: int | None = ..., return_khat: Literal[False] = ...) -> jax.Array: ...
+
+
+@overload
+def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
+                   num_samples: int = ..., chunk_size: int | str | None = ...,
+                   points_per_chunk: int | None = ..., return_khat: Literal[True]) -> tuple[jax.Array, jax.Array]: ...
+
+
 def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                    num_samples: int = 5000, chunk_size: int | str | None = "auto",
-                   points_per_chunk: int | None = None) -> jax.Array:
+                   points_per_chunk: int | None = None,
+                   return_khat: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Estimate ``log p(x)`` by IWAE_K with large K (Burda et al. 2016 use K = 5000).
 
     .. math::
@@ -268,9 +282,16 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
         ``None``: all K at once.
       points_per_chunk: points per chunk with an integer or ``None`` ``chunk_size``
         (default: all B).
+      return_khat: also return each example's PSIS k-hat of its K weights
+        (:func:`jaxelbo.psis_khat`, equal to it on the same draws; needs K >= 25): the
+        ``M + 1`` largest log-weights (``M = psis_tail_size(K)``, 213 of 5000) are kept by a
+        streaming top-k, all that k-hat reads. Where k-hat > 0.7
+        (:data:`jaxelbo.psis.KHAT_THRESHOLD`) the estimate is dominated by a few weights and
+        may lie far from ``log p(x)``: prefer :func:`jaxelbo.ais_log_likelihood` there.
 
     Returns:
-      ``(B,)`` estimates, each a stochastic lower bound whose gap shrinks as ``O(1/K)``.
+      ``(B,)`` estimates, each a stochastic lower bound whose gap shrinks as ``O(1/K)``;
+      with ``return_khat``, ``(estimates, khat)``, both ``(B,)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxelbo as je
@@ -282,26 +303,44 @@ def log_likelihood(model: Model, guide: Guide, params: dict, rng: jax.Array, x: 
       ...                       chunk_size=7, points_per_chunk=2)
       >>> bool(jnp.allclose(a, b, rtol=1e-6))
       True
+      >>> params = lg.optimal_params(jnp.zeros(4))
+      >>> params["guide"]["log_scale"] = jnp.log(0.1)                        # far too narrow a guide
+      >>> ll, khat = je.log_likelihood(lg.model(), lg.guide(), params, jax.random.key(0), jnp.ones((3, 4)),
+      ...                              num_samples=1000, return_khat=True)
+      >>> ll.shape, bool((khat > 0.7).all())      # heavy tails: not to be trusted
+      ((3,), True)
 
     References:
       Burda, Grosse & Salakhutdinov (2016), arXiv:1509.00519.
+      Vehtari, Simpson, Gelman, Yao & Gabry (2024), JMLR 25(72), arXiv:1507.02646 (k-hat).
     """
-    return streamed_log_mean_exp(model, guide, params, rng, x, num_samples=num_samples, chunk_size=chunk_size,
-                                 points_per_chunk=points_per_chunk)[0]
+    if not return_khat:
+        return streamed_log_mean_exp(model, guide, params, rng, x, num_samples=num_samples, chunk_size=chunk_size,
+                                     points_per_chunk=points_per_chunk)[0]
+    estimate, khat = streamed_log_mean_exp(model, guide, params, rng, x, num_samples=num_samples,
+                                           chunk_size=chunk_size, points_per_chunk=points_per_chunk, khat=True)
+    return estimate, khat
 
 
 def streamed_log_mean_exp(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                           num_samples: int = 5000, chunk_size: int | str | None = "auto",
                           points_per_chunk: int | None = None,
-                          powers: tuple[float, ...] = (1.0,)) -> tuple[jax.Array, ...]:
+                          powers: tuple[float, ...] = (1.0,), khat: bool = False) -> tuple[jax.Array, ...]:
     """``log (1/K) sum_k w_k^n`` per example for each ``n`` in ``powers``, on the draws
     and chunks of :func:`log_likelihood` (whose estimate is ``powers=(1.0,)``).
 
+    With ``khat``, also the PSIS k-hat of each example's K weights, from a streaming
+    top-k of its ``M + 1`` largest log-weights (all that :func:`jaxelbo.psis_khat` reads).
+
     Returns:
-      one ``(B,)`` array per power.
+      one ``(B,)`` array per power (and, with ``khat``, the ``(B,)`` k-hat last).
     """
     num_samples = check_count("num_samples", num_samples)
     check_inputs(model, guide, params, rng, x)
+    tail = psis_tail_size(num_samples) + 1 if khat else 0
+    if khat and tail < 6:
+        raise ValueError(f"log_likelihood(return_khat=True) needs num_samples >= 25 (a PSIS tail of 5 or more), "
+                         f"got {num_samples}")
     batch = batch_size_of(x)
     if isinstance(chunk_size, str) and chunk_size == "auto":
         if points_per_chunk is not None:
@@ -331,16 +370,26 @@ def streamed_log_mean_exp(model: Model, guide: Guide, params: dict, rng: jax.Arr
         keys, xg = inputs
 
         def body(carry, j):
+            streams, top = carry
             lw = block(params, keys, xg, j)
-            return tuple(_streaming_logsumexp(c, n * lw if n != 1 else lw, axis=-1)
-                         for c, n in zip(carry, powers, strict=True)), None
+            if tail:
+                top = jax.lax.top_k(jnp.concatenate([top, lw], axis=-1), tail)[0]
+            return (tuple(_streaming_logsumexp(c, n * lw if n != 1 else lw, axis=-1)
+                          for c, n in zip(streams, powers, strict=True)), top), None
 
         init = (jnp.full((points,), -jnp.inf, dtype), jnp.zeros((points,), dtype))
-        out, _ = jax.lax.scan(body, tuple(init for _ in powers), jnp.arange(num_chunks))
-        return tuple(m + jnp.log(s) for m, s in out)
+        top0 = jnp.full((points, tail), -jnp.inf, dtype)
+        (out, top), _ = jax.lax.scan(body, (tuple(init for _ in powers), top0), jnp.arange(num_chunks))
+        return tuple(m + jnp.log(s) for m, s in out), top
 
-    out = jax.lax.map(one_group, (key_groups, x_groups))
-    return tuple(o.reshape(-1)[:batch] - math.log(num_samples) for o in out)
+    out, top = jax.lax.map(one_group, (key_groups, x_groups))
+    results = tuple(o.reshape(-1)[:batch] - math.log(num_samples) for o in out)
+    if not khat:
+        return results
+    top = top.reshape(-1, tail)[:batch]
+    # psis_khat reads only the M + 1 largest of the K log-weights: the others may be -inf
+    padded = jnp.concatenate([jnp.full((batch, num_samples - tail), -jnp.inf, dtype), top[:, ::-1]], axis=-1)
+    return (*results, psis_khat(padded))
 
 
 # --------------------------------------------------------------------------------------

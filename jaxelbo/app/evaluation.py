@@ -9,7 +9,10 @@ Reports, as plain floats:
   64 samples, ``mean_k log w_k``);
 * ``khat_above_0.7``: the fraction of points whose PSIS k-hat (:func:`jaxelbo.psis_khat`,
   Vehtari et al. 2024, arXiv:1507.02646) of those 64 weights exceeds 0.7, i.e. where
-  importance sampling from the guide is unreliable;
+  importance sampling from the guide is unreliable; ``log_likelihood_khat_above_0.7``: the
+  same of the log-likelihood estimate's K weights (``je.log_likelihood(..., return_khat=True)``);
+  above :data:`KHAT_WARNING_FRACTION` ``jaxelbo evaluate`` says so in one line
+  (:func:`khat_warning`);
 * ``active_units``: the number of latent dimensions with ``Var_x(E_q[z_i | x]) > 0.01``
   (Burda et al. 2016, section 5.2), and ``active_units_per_layer`` (one count per
   stochastic layer) when the VAE's ``posterior_means`` is given;
@@ -173,19 +176,22 @@ def evaluate(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: 
 
         ll_fn = _log_likelihood_fn(model, guide, num_samples_ll, "auto" if chunk_size in (0, "auto") else chunk_size)
         t0 = time.perf_counter()
-        lls, cubos = [], []
+        lls, cubos, khats = [], [], []
         with tqdm(total=n, desc=f"log p(x), K={num_samples_ll}", unit="point", disable=not progress,
                   dynamic_ncols=True, mininterval=0.5) as bar:
             for i, xb in enumerate(_batches(x, batch_size)):
-                a, c = ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i), jnp.asarray(xb))
+                a, c, kh_b = ll_fn(params, jax.random.fold_in(jax.random.fold_in(rng, 0), i), jnp.asarray(xb))
                 lls.append(np.asarray(a))
                 cubos.append(np.asarray(c))
+                khats.append(np.asarray(kh_b))
                 bar.update(len(xb))
         seconds = time.perf_counter() - t0
         out["cubo_2"], out["cubo_2_stderr"] = _mean_and_stderr(np.concatenate(cubos))
         out["cubo_2_num_samples"] = int(num_samples_ll)
         if report_iwae:
-            ll = np.concatenate(lls)
+            ll, ll_khat = np.concatenate(lls), np.concatenate(khats)
+            if not np.isnan(ll_khat).all():
+                out[f"log_likelihood_khat_above_{KHAT_THRESHOLD}"] = float(np.mean(ll_khat > KHAT_THRESHOLD))
             out["log_likelihood_seconds"] = seconds
             out["log_likelihood"] = float(ll.mean())
             out["log_likelihood_stderr"] = float(ll.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
@@ -253,8 +259,8 @@ def sandwich(results: dict, num_samples_iwae: int = 64) -> dict:
 
 
 def log_likelihood_and_cubo(model: je.Model, guide: je.Guide, params: dict, rng: jax.Array, x: jax.Array, *,
-                            num_samples: int = 5000, chunk_size: int | str = "auto", n: float = 2.0
-                            ) -> tuple[jax.Array, jax.Array]:
+                            num_samples: int = 5000, chunk_size: int | str = "auto", n: float = 2.0,
+                            return_khat: bool = False) -> tuple[jax.Array, ...]:
     r"""``(IWAE_K, CUBO_n)`` per example, from the same K draws, streamed in chunks.
 
     .. math:: \widehat{\log p}(x) = \log \frac1K \sum_k \tilde w_k, \qquad
@@ -264,16 +270,22 @@ def log_likelihood_and_cubo(model: je.Model, guide: je.Guide, params: dict, rng:
     point ``b`` uses ``fold_in(split(rng, B)[b], k)``; ``chunk_size="auto"`` chooses the
     chunks from the machine), so the first output is its estimate; per example
     ``CUBO_n >= IWAE_K`` on the same draws (the power-mean inequality), and both are biased
-    low of their targets ``log p(x)`` and ``CUBO_n``.
+    low of their targets ``log p(x)`` and ``CUBO_n``. With ``return_khat`` (and K >= 25), a
+    third output: the PSIS k-hat of the K weights, as ``je.log_likelihood(...,
+    return_khat=True)`` computes it (``nan`` below 25 samples).
 
     Returns:
-      two ``(B,)`` arrays.
+      two (``return_khat``: three) ``(B,)`` arrays.
     """
     from jaxelbo.diagnostics import streamed_log_mean_exp
 
-    one, power = streamed_log_mean_exp(model, guide, params, rng, x, num_samples=int(num_samples),
-                                       chunk_size=chunk_size, powers=(1.0, float(n)))
-    return one, power / n
+    with_khat = return_khat and psis_tail_size(int(num_samples)) >= 5
+    out = streamed_log_mean_exp(model, guide, params, rng, x, num_samples=int(num_samples),
+                                chunk_size=chunk_size, powers=(1.0, float(n)), khat=with_khat)
+    one, power = out[0], out[1]
+    if not return_khat:
+        return one, power / n
+    return one, power / n, out[2] if with_khat else jnp.full(one.shape, jnp.nan, one.dtype)
 
 
 def _mean_and_stderr(v: np.ndarray) -> tuple[float, float]:
@@ -406,7 +418,29 @@ def _bounds_fn(model: je.Model, guide: je.Guide, num_samples: int):
 @functools.lru_cache(maxsize=32)
 def _log_likelihood_fn(model: je.Model, guide: je.Guide, num_samples: int, chunk_size: int | str):
     return jax.jit(lambda params, rng, xb: log_likelihood_and_cubo(model, guide, params, rng, xb,
-                                                                   num_samples=num_samples, chunk_size=chunk_size))
+                                                                   num_samples=num_samples, chunk_size=chunk_size,
+                                                                   return_khat=True))
+
+
+#: ``jaxelbo evaluate`` warns when more than this fraction of points has k-hat > 0.7.
+KHAT_WARNING_FRACTION = 0.1
+
+
+def khat_warning(result: dict) -> str | None:
+    """One line when more than :data:`KHAT_WARNING_FRACTION` of the points have k-hat > 0.7, else None.
+
+    Reads the k-hat of the log-likelihood estimate's K weights
+    (``log_likelihood_khat_above_0.7``), or of the IWAE-64 weights when that is all there is.
+    """
+    key = f"log_likelihood_khat_above_{KHAT_THRESHOLD}"
+    what = f"log p(x) (K={result.get('log_likelihood_num_samples')})"
+    if key not in result:
+        key, what = f"khat_above_{KHAT_THRESHOLD}", "the IWAE bound"
+    fraction = result.get(key)
+    if fraction is None or fraction <= KHAT_WARNING_FRACTION:
+        return None
+    return (f"warning: k-hat > {KHAT_THRESHOLD} on {100 * fraction:.0f}% of points: {what} is dominated by a few "
+            f"importance weights and not to be trusted; estimate it by AIS instead (--method ais)")
 
 
 @functools.lru_cache(maxsize=32)

@@ -117,4 +117,9 @@ def run(args: argparse.Namespace) -> int:
               f"{r['sandwich_log_likelihood']:.3f} ({r['sandwich_log_likelihood_method']}) "
               f"<= CUBO_2 {r['cubo_2']:.3f}; "
               f"width {r['sandwich_width']:.3f} nats" + ("" if r["sandwich_ordered"] else " (NOT in order)"))
+    from jaxelbo.app.evaluation import khat_warning
+
+    warning = khat_warning(result)
+    if warning:
+        print(f"jaxelbo evaluate: {warning}", file=sys.stderr)
     return 0

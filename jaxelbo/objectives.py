@@ -355,7 +355,7 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
                           estimator=_as_estimator(estimator), dreg_ratio=_softmax, name="miwae")
 
 
-def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
+def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float = 0.5,
           estimator: str = "reparam") -> LossFn:
     """Convex combination ``beta * ELBO_K + (1 - beta) * IWAE_K`` (Rainforth et al. 2018).
 
@@ -366,7 +366,8 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float,
       model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_samples: K >= 1 samples per example, shared by both terms.
-      beta: the ELBO's weight, in ``[0, 1]`` (0: IWAE, 1: the ELBO).
+      beta: the ELBO's weight, in ``[0, 1]`` (0: IWAE, 1: the ELBO); default 0.5, the
+        default of ``jaxelbo train --beta`` and of :func:`jaxelbo.registry.make` too.
       estimator: ``reparam`` (default), ``stl`` or ``dreg``.
 
     Returns:
@@ -445,7 +446,7 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
                           estimator=_as_estimator(estimator), phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae")
 
 
-def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
+def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float = 0.5,
           estimator: str = "reparam") -> LossFn:
     """The variational Renyi bound (Li & Turner 2016, arXiv:1602.02311).
 
@@ -461,7 +462,8 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float,
       model: a :class:`~jaxelbo.Model` of per-example ``log_prior`` and ``log_likelihood``.
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_samples: K >= 1 samples per example.
-      alpha: the order, any finite float (0: IWAE, 1: the ELBO).
+      alpha: the order, any finite float (0: IWAE, 1: the ELBO); default 0.5, the default
+        of ``jaxelbo train --objective renyi --alpha`` and of :func:`jaxelbo.registry.make` too.
       estimator: ``reparam`` (default), ``stl`` or ``dreg``.
 
     Returns:

@@ -24,7 +24,7 @@ def params_with_scale(scale):
 @pytest.fixture(scope="module")
 def results():
     out = {}
-    for scale in (0.25, 1.5):           # too narrow: heavy tails; wide: light tails
+    for scale in (0.1, 1.5):            # too narrow: heavy tails; wide: light tails
         params = params_with_scale(scale)
         ll_fn = jax.jit(lambda p, khat: je.log_likelihood(LG.model(), LG.guide(), p, RNG, X, num_samples=S,
                                                           chunk_size=CHUNK, return_khat=khat), static_argnums=1)
@@ -39,7 +39,7 @@ def results():
     return out
 
 
-@pytest.mark.parametrize("scale", [0.25, 1.5])
+@pytest.mark.parametrize("scale", [0.1, 1.5])
 def test_streamed_khat_equals_psis_khat_of_the_same_draws(results, scale):
     ll, khat, plain, reference, lme = results[scale]
     np.testing.assert_array_equal(ll, plain)                  # the estimate does not change
@@ -48,7 +48,7 @@ def test_streamed_khat_equals_psis_khat_of_the_same_draws(results, scale):
 
 
 def test_khat_separates_heavy_from_light_tails(results):
-    assert bool(jnp.all(results[0.25][1] > 0.7)), results[0.25][1]
+    assert bool(jnp.all(results[0.1][1] > 0.7)), results[0.1][1]
     assert bool(jnp.all(results[1.5][1] < 0.7)), results[1.5][1]
 
 
@@ -70,8 +70,8 @@ def test_evaluate_warns_in_one_line_when_many_points_have_large_khat():
 def test_evaluate_streams_the_same_khat(results):
     from jaxelbo.app.evaluation import log_likelihood_and_cubo
 
-    params = params_with_scale(0.25)
+    params = params_with_scale(0.1)
     ll, _, khat = jax.jit(lambda p: log_likelihood_and_cubo(LG.model(), LG.guide(), p, RNG, X, num_samples=S,
                                                             chunk_size=CHUNK, return_khat=True))(params)
-    np.testing.assert_allclose(ll, results[0.25][0], rtol=1e-6)
-    np.testing.assert_allclose(khat, results[0.25][1], rtol=1e-6)
+    np.testing.assert_allclose(ll, results[0.1][0], rtol=1e-6)
+    np.testing.assert_allclose(khat, results[0.1][1], rtol=1e-6)

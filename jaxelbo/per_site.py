@@ -77,8 +77,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxelbo import estimators as est
-from jaxelbo.weights import batch_size_of, log_prob_latents, sample_keys, sample_latents
 from jaxelbo.types import Guide, Model, PyTree
+from jaxelbo.weights import batch_size_of, log_prob_latents, sample_keys, sample_latents
 
 __all__ = ["KEYS", "PerSite", "is_per_site", "parse", "per_site_surrogate"]
 

@@ -242,7 +242,7 @@ _FREE_SPACE_MARGIN = 4 * 2**20
 
 def _check_free_space(directory: Path, final: Path, state: Any) -> None:
     """Refuses, before orbax writes anything, a checkpoint that cannot fit on the disk."""
-    needed = sum(a.nbytes for _, a in _leaves(state)) + _FREE_SPACE_MARGIN
+    needed = sum(int(getattr(a, "nbytes", np.asarray(a).nbytes)) for a in jax.tree.leaves(state)) + _FREE_SPACE_MARGIN
     try:
         free = shutil.disk_usage(directory).free
     except OSError:

@@ -598,3 +598,52 @@ def test_global_local_gradient_matches_the_exact_one(estimator):
     for m, should_pass in ((0.3, True), (0.4, False)):                # 0.4: a control the test rejects
         z = [(reps[k].mean() - e) / (reps[k].std() / math.sqrt(2000)) for k, e in zip("ms", exact(m), strict=True)]
         assert (max(abs(float(v)) for v in z) < 5.0) == should_pass, (m, z)
+
+
+# --------------------------------------------------------------------------------------
+# Eight schools as NumPyro's README writes it: centred, and non-centred by TransformReparam
+# --------------------------------------------------------------------------------------
+
+SCHOOLS_Y = jnp.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SCHOOLS_SIGMA = jnp.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def eight_schools(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5))
+    with numpyro.plate("J", 8):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("obs", dist.Normal(theta, SCHOOLS_SIGMA), obs=y)
+
+
+def eight_schools_noncentered(y=None):
+    from numpyro.infer.reparam import TransformReparam
+
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5))
+    with numpyro.plate("J", 8):
+        with numpyro.handlers.reparam(config={"theta": TransformReparam()}):
+            theta = numpyro.sample("theta", dist.TransformedDistribution(
+                dist.Normal(0.0, 1.0), dist.transforms.AffineTransform(mu, tau)))
+        numpyro.sample("obs", dist.Normal(theta, SCHOOLS_SIGMA), obs=y)
+
+
+@pytest.mark.slow  # a few seconds: two models traced
+@pytest.mark.parametrize("fn", [eight_schools, eight_schools_noncentered], ids=["centred", "non-centred"])
+def test_eight_schools_log_weights_equal_numpyros_log_densities(fn):
+    auto = AutoNormal(fn, init_scale=0.5)
+    m, g, params = from_numpyro(fn, auto, jax.random.key(0), SCHOOLS_Y)
+    param_map = constrained_params(params, fn, auto, SCHOOLS_Y)
+
+    @jax.jit
+    def both(rng):
+        z = g.sample(params["guide"], rng, SCHOOLS_Y)
+        ours = (g.log_prob(params["guide"], SCHOOLS_Y, z),
+                m.log_prior(params["model"], z) + m.log_likelihood(params["model"], SCHOOLS_Y, z))
+        theirs = (log_density(auto, (SCHOOLS_Y,), {}, {**param_map, **z})[0],
+                  log_density(fn, (SCHOOLS_Y,), {}, z)[0])
+        return ours, theirs
+
+    for seed in range(2):
+        ours, theirs = both(jax.random.key(seed))
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)

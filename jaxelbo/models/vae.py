@@ -189,17 +189,26 @@ def diag_normal_log_prob(z: jax.Array, mean: jax.Array, log_std: jax.Array) -> j
     return jnp.sum(-0.5 * u * u - log_std, axis=-1) - z.shape[-1] * _HALF_LOG_2PI
 
 
+@jax.custom_jvp
 def softplus(logits: jax.Array) -> jax.Array:
     """``log(1 + e^l) = max(l, 0) + log1p(e^{min(l, -l)})``, equal to :func:`jax.nn.softplus`
     to float rounding (and at ``+-inf`` and ``nan``).
 
     ``jax.nn.softplus`` is ``logaddexp(l, 0)``, whose special-value ``select`` XLA CPU
     does not fuse away: this form costs half as much per element (1.3 vs 2.7 ns on this
-    project's CPU) and cuts ``je.log_likelihood`` of the Burda VAE by about 10%. Its
-    derivative is ``sigmoid(l)``, also at ``l = 0``: ``jnp.maximum`` and ``jnp.minimum``
-    split a tie evenly, where ``-jnp.abs`` would give 0 there.
+    project's CPU), which speeds up ``je.log_likelihood`` of the Burda VAE. Its derivative
+    is written as ``jax.nn.softplus``'s is, ``e^{l - softplus(l)} = sigmoid(l)`` from the
+    output (``1/2`` at ``l = 0``): differentiating the ``max``/``min`` form instead made
+    the training step's backward pass slower (1.10-1.25x at K = 64).
     """
     return jnp.maximum(logits, 0) + jnp.log1p(jnp.exp(jnp.minimum(logits, -logits)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    out = softplus(logits)
+    return out, tangent * jnp.exp(logits - out)
 
 
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:

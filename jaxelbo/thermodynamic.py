@@ -31,7 +31,7 @@ from jaxelbo import registry
 from jaxelbo._validation import check_count, check_inputs, check_model_guide, check_real
 from jaxelbo.psis import psis_khat, psis_tail_size
 from jaxelbo.types import Guide, LossFn, Model, PyTree
-from jaxelbo.weights import batch_size_of, effective_sample_size, sample_and_log_weights, sample_keys
+from jaxelbo.weights import effective_sample_size
 
 __all__ = ["PARTITION_SCHEDULES", "TVO_ESTIMATORS", "log_uniform_partition", "moment_partition", "tvo", "tvo_bound",
            "tvo_moments"]
@@ -201,19 +201,16 @@ def moment_partition(log_weights: jax.Array, num_partitions: int, *, num_iterati
     return jnp.concatenate([jnp.zeros(1, lw.dtype), inner, jnp.ones(1, lw.dtype)])
 
 
-def _covariance_term(log_weights: jax.Array, log_q: jax.Array, partition: jax.Array,
-                     integration: str) -> jax.Array:
-    """``sum_j Delta_j sum_k sg(pi_jk (log w~_k - E_j)) log q_k``: the sampling part of the
-    covariance gradient, zero in value."""
-    sg = jax.lax.stop_gradient
-    lw = sg(log_weights)
+def _covariance_signal(log_weights: jax.Array, partition: jax.Array, integration: str) -> jax.Array:
+    """``s_k = sum_j Delta_j pi_jk (log w~_k - E_j)``, shape ``(B, K)``: the per-sample signal
+    multiplying ``dlog q(z_k)/dphi`` in the covariance gradient (stopped)."""
+    lw = jax.lax.stop_gradient(log_weights)
     widths, betas = _riemann(lw, partition, integration)
     b = jnp.reshape(betas.astype(lw.dtype), (1,) * (lw.ndim - 1) + (-1, 1))
     pi = jax.nn.softmax(b * lw[..., None, :], axis=-1)                        # (B, S, K)
     centred = lw[..., None, :] - jnp.sum(pi * lw[..., None, :], axis=-1, keepdims=True)
     w = jnp.reshape(widths, (1,) * (lw.ndim - 1) + (-1, 1))
-    coef = jnp.sum(w * pi * centred, axis=-2)                                 # (B, K)
-    return jnp.sum(coef * (log_q - sg(log_q)), axis=-1)
+    return jnp.sum(w * pi * centred, axis=-2)                                 # (B, K)
 
 
 def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_partitions: int = 10,
@@ -316,12 +313,14 @@ def tvo(model: Model, guide: Guide, *, num_samples: int, partition=None, num_par
             surrogate = value
             part = partition_of(jax.lax.stop_gradient(log_w))
         else:
-            keys = sample_keys(rng, batch_size_of(x), k)
-            _, log_p, log_q = sample_and_log_weights(model, guide, params, keys, x, stop_z=True)
-            log_w = log_p - log_q
+            # The covariance gradient through the shared score routing: phi gets the
+            # signal on dlog q/dphi at fixed z (and F's direct term), theta and x the
+            # plain derivative of the value (x through a continuous z too).
+            surrogate, log_w = est.score_surrogate(
+                model, guide, params, rng, x, sample_shape=(k,), bound_fn=bound_fn,
+                signal_fn=lambda lw: _covariance_signal(lw, partition_of(lw), integration))
             part = partition_of(jax.lax.stop_gradient(log_w))
-            value = bound_fn(log_w)
-            surrogate = value + _covariance_term(log_w, log_q, part, integration)
+            value = surrogate  # the score part is zero in value
         log_w = jax.lax.stop_gradient(log_w)
         aux = {"bound": jax.lax.stop_gradient(value), "log_weights": log_w,
                "ess": effective_sample_size(log_w, axis=-1), "partition": part}

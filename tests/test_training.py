@@ -375,6 +375,7 @@ def test_train_settings_resume_and_cache_keys_come_from_the_fields():
         f.name: (7,) if f.name == "hidden" else "other" if isinstance(f.default, str) else 12345}))}
     assert resume_keys == {"dataset", "objective", "estimator", "num_samples", "num_outer", "beta", "alpha",
                            "batch_size", "seed", "learning_rate", "guide_learning_rate", "hidden", "latent_dim",
-                           "binarization", "validation_size", "stochastic_layers"}
+                           "binarization", "validation_size", "stochastic_layers",
+                           "n", "num_partitions", "log_beta_min", "integration", "partition"}  # cubo/tvo's
     assert s.replace(steps=5).compile_key() == s.compile_key() != s.replace(num_samples=8).compile_key()
     assert s.replace(seed=5).compile_key() == s.compile_key()  # the seed lives in the params, not the step

@@ -104,7 +104,8 @@ def _check(runs: Sequence[Run]) -> None:
 @functools.lru_cache(maxsize=16)
 def _program(step_fns: tuple, batch_size: int, num_rows: int, dynamic: bool, shared_x: bool) -> Callable:
     """The jitted program of :func:`make_many_chunk`, cached (one compile per table layout)."""
-    bodies = [training._compiled_chunk(f, batch_size, num_rows, dynamic, None).__wrapped__ for f in step_fns]
+    compiled: list[Any] = [training._compiled_chunk(f, batch_size, num_rows, dynamic, None) for f in step_fns]
+    bodies = [c.__wrapped__ for c in compiled]
     x_axis = None if shared_x else 0
 
     def program(states, xs, data_seeds, seeds, start, stop):
@@ -160,7 +161,9 @@ def _resume_step(dirs: list[Path | None]) -> int:
                          + ", ".join(f"run {i}: {s}" for i, s in named.items()))
     if len(named) != len(dirs):
         raise ValueError("train_many resume: every run needs an out_dir")
-    return int(next(iter(named.values())))
+    step = next(iter(named.values()))
+    assert step is not None  # one common value, and not every value is None
+    return int(step)
 
 
 def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
@@ -233,7 +236,7 @@ def train_many(runs: Sequence[Run], *, num_steps: int, log_every: int = 50,
         for g, (params, opt_state) in zip(groups, states, strict=True):
             for j, (p, o) in enumerate(zip(_unstack(params, len(g)), _unstack(opt_state, len(g)), strict=True)):
                 if dirs[g[j]] is not None:
-                    checkpoint.save(dirs[g[j]] / "checkpoints", step, p, o)  # type: ignore[operator]
+                    checkpoint.save(dirs[g[j]] / "checkpoints", step, p, o)
 
     step = start
     while step < num_steps:

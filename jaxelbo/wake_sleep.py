@@ -63,12 +63,13 @@ def sleep_phi_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array
 
 def _mixture_draw(model: Model, guide: Guide, theta: PyTree, phi: PyTree, key: jax.Array, x: PyTree,
                   defensive: float) -> PyTree:
-    """One draw from ``(1 - delta) q(. | x) + delta p(.)`` (``z`` never differentiated)."""
+    """One draw from ``(1 - delta) q(. | x) + delta p(.)``; callers pass stopped ``theta`` and
+    ``phi``, so ``z`` moves only with ``x`` (through the guide's draw), never with the parameters."""
     k_coin, k_q, k_p = jax.random.split(key, 3)
     from_prior = jax.random.bernoulli(k_coin, defensive)
     z_q = guide.sample(phi, k_q, x)
     z_p, _ = _sampler(model)(theta, k_p)
-    return sg(jax.tree_util.tree_map(lambda a, b: jnp.where(from_prior, b, a), z_q, z_p))
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(from_prior, b, a), z_q, z_p)
 
 
 def defensive_log_weights(model: Model, guide: Guide, params: dict, keys: jax.Array, x: PyTree,
@@ -80,7 +81,8 @@ def defensive_log_weights(model: Model, guide: Guide, params: dict, keys: jax.Ar
 
     ``log r`` is evaluated at ``stop_gradient`` of both parameters (the proposal is fixed),
     so ``theta`` receives gradients only through ``log p_theta(x, z_k)``; the batch ``x``
-    keeps its full autodiff derivative.
+    keeps its full autodiff derivative (through ``z_k``'s draw from the guide too), and the
+    returned ``log q`` carries only ``phi``'s.
 
     Args:
       keys: ``(B, K)`` keys (:func:`jaxelbo.weights.sample_keys`).
@@ -104,7 +106,8 @@ def defensive_log_weights(model: Model, guide: Guide, params: dict, keys: jax.Ar
         if log_def > -math.inf:
             terms.append(log_def + model.log_prior(sg(theta), z))
         log_r = terms[0] if len(terms) == 1 else jnp.logaddexp(terms[0], terms[1])
-        return z, log_p - log_r, guide.log_prob(phi, xi, z)
+        # phi's wake term reads log q at fixed z and x: x's derivative is the value's alone
+        return z, log_p - log_r, guide.log_prob(phi, sg(xi), sg(z))
 
     return jax.vmap(jax.vmap(one, in_axes=(0, None)), in_axes=(0, 0))(keys, x)
 

@@ -434,7 +434,7 @@ class BatchIterator:
         self.steps_per_epoch = len(x) // self.batch_size
         if binarization == "static":
             self.x = binarize(x, (self.seed, 2**31 - 1))
-        self._device_x = None
+        self._device_x: jax.Array | None = None
 
     @property
     def dynamic(self) -> bool:

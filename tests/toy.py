@@ -6,6 +6,7 @@ tests move the params away from the optimum so that no gradient is zero by accid
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxelbo.models import linear_gaussian as lg
 
@@ -29,3 +30,18 @@ def perturbed(params, *, a_noise: float = 0.1, log_scale_shift: float | None = N
     if log_scale_shift is not None:
         g["log_scale"] = g["log_scale"] + log_scale_shift
     return {"model": {"mu": params["model"]["mu"] + 0.3}, "guide": g}
+
+
+def to_float64(tree):
+    """Every array leaf of ``tree`` as float64 (call inside ``jax.enable_x64(True)``)."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def assert_x_gradient_is_the_fd(loss, x, *, h: float = 1e-5):
+    """``jax.grad(loss)(x)`` along a random direction equals the central finite difference of
+    ``loss`` (a scalar function of ``x`` on a fixed key), and is not a vacuous zero. Float64."""
+    g = jax.grad(loss)(x)
+    direction = jax.random.normal(jax.random.key(5), x.shape, x.dtype)
+    fd = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    assert abs(float(jnp.vdot(g, direction))) > 1e-2  # not a vacuous zero
+    np.testing.assert_allclose(jnp.vdot(g, direction), fd, rtol=1e-6, atol=1e-9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -62,5 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     return int(importlib.import_module(args._module).run(args) or 0)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The process entry point (the ``jaxelbo`` script and ``python -m jaxelbo``): :func:`main`, then exit.
+
+    A command stopped by a signal returns ``128 + signum`` after it has written its summary and
+    its one line. Device work it had dispatched may still be running on XLA's threads then
+    (a log-likelihood chunk cut short by SIGTERM), and the interpreter's teardown would destroy
+    the runtime under it: a segmentation fault about one time in ten. Such an exit therefore
+    flushes the standard streams and leaves with ``os._exit``, skipping the teardown; every
+    other exit is the normal ``sys.exit``.
+    """
+    code = main(argv)
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

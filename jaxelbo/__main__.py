@@ -1,7 +1,5 @@
 """``python -m jaxelbo`` runs the command line."""
 
-import sys
+from jaxelbo_cli import entry
 
-from jaxelbo.app.cli import main
-
-sys.exit(main())
+entry()

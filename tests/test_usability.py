@@ -103,6 +103,24 @@ def test_help_and_version_import_no_jax():
     assert "invalid choice: 'bogus'" in proc.stderr
 
 
+@pytest.mark.parametrize("code, torn_down", [(0, True), (2, True), (130, False), (143, False)])
+def test_the_process_entry_skips_the_teardown_only_after_a_signal(code, torn_down):
+    """``jaxelbo_cli.entry`` (the script and ``python -m jaxelbo``) exits a command stopped by a
+    signal (128 + signum) with ``os._exit`` once its output is flushed: XLA work cut short may
+    still run, and the interpreter's teardown under it segfaulted about one run in ten (the
+    SIGTERM-during-evaluation test of test_faults). Every other exit tears down normally."""
+    script = ("import atexit, sys, jaxelbo_cli\n"
+              "atexit.register(lambda: print('TORN DOWN'))\n"
+              f"jaxelbo_cli.main = lambda argv=None: (print('the last line', file=sys.stderr), {code})[1]\n"
+              "jaxelbo_cli.entry()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == "the last line\n"  # flushed before os._exit
+    assert ("TORN DOWN" in proc.stdout) == torn_down
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'jaxelbo = "jaxelbo_cli:entry"' in pyproject
+
+
 def test_py_typed_ships_with_the_package():
     assert (Path(je.__file__).parent / "py.typed").is_file()
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()

@@ -7,11 +7,14 @@ one pass over the same ``--num-points`` points, timed in a shuffled order every 
 (after a compiling warm-up), medians of per-round ratios:
 
 * ``before``: the code as it was before the chunk chooser: ``chunk_size=500`` samples
-  with every point of the call in one chunk (50,000 rows per step at 100 points) and
-  ``jax.nn.softplus`` in the Bernoulli log-likelihood;
-* ``auto, jax.nn.softplus``: the machine-chosen chunking with the old softplus (the
-  chunking's share of the gain);
-* ``auto``: today's default (``chunk_size="auto"`` and ``vae.softplus``);
+  with every point of the call in one chunk (50,000 rows per step at 100 points),
+  ``jax.nn.softplus`` and the logits materialised;
+* ``logits``: the previous default, the machine-chosen chunking (chosen for this
+  graph) with ``vae.softplus`` on materialised logits ``h W + b`` (the decoder's output
+  layer with its transposed-kernel read, then ``vae.bernoulli_log_prob``);
+* ``auto``: today's default (``chunk_size="auto"``; the output layer and the Bernoulli
+  log-likelihood in one, ``vae.bernoulli_dense_log_prob``: no logits materialised, no
+  kernel transpose per chunk, the bias added inside the softplus reduction);
 * ``GEMM``: the decoder's three matrix products alone, ``(M, 50) x (50, 200) x (200, 200)
   x (200, 784)`` chained, at ``M`` = the auto chunk's rows, 1024 and 4096, called (async)
   over as many rows as one evaluation pass; the fastest is the reference rate.
@@ -29,9 +32,7 @@ import argparse
 import datetime
 import json
 import os
-import random
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -40,6 +41,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _interleave import interleaved  # noqa: E402
 
 DX, H, DZ = 784, 200, 50
 DEC_FLOPS = 2 * (DZ * H + H * H + H * DX)
@@ -84,53 +88,68 @@ def main(argv=None) -> int:
     model, guide, params = net.model, net.guide, net.params
     x_all = jax.random.bernoulli(jax.random.key(1), 0.5, (n, DX)).astype(jnp.float32)
     batches = [x_all[i:i + b] for i in range(0, n, b)]
-    points, samples = log_likelihood_chunks(model, guide, params, jax.random.key(0), batches[0], num_samples=k)
+
+    def patched(dense):
+        """Trace with ``dense`` as the VAE's fused output layer + log-likelihood (None: today's)."""
+        saved = vae.bernoulli_dense_log_prob
+        if dense is not None:
+            vae.bernoulli_dense_log_prob = dense
+        _chunking._BYTES_PER_ROW.clear()  # the chunk is chosen for the graph traced
+        return saved
+
+    def chunks(dense):
+        saved = patched(dense)
+        try:
+            return log_likelihood_chunks(model, guide, params, jax.random.key(0), batches[0], num_samples=k)
+        finally:
+            vae.bernoulli_dense_log_prob = saved
+
+    def logits_form(x, h, kernel, bias):
+        return vae.bernoulli_log_prob(x, vae._dense_transposed(h, kernel, bias))
+
+    def before_form(x, h, kernel, bias):
+        return _old_bernoulli_log_prob(x, vae._dense_transposed(h, kernel, bias))
+
+    old_points, old_samples = chunks(logits_form)
+    points, samples = chunks(None)
     rows = points * samples
     per_row = next(iter(v for key, v in _chunking._BYTES_PER_ROW.items() if key[0][0] == "log_likelihood"))
 
-    def ll_pass(chunk_size, bernoulli=None):
-        """One pass over the points, traced with ``bernoulli`` as the VAE's log-likelihood."""
+    def ll_pass(chunk_size, points_per_chunk=None, dense=None):
+        """One pass over the points, traced with ``dense`` as the VAE's output layer + log-likelihood."""
         fn = jax.jit(lambda p_, r, xb: je.log_likelihood(model, guide, p_, r, xb, num_samples=k,
-                                                         chunk_size=chunk_size))
-        saved = vae.bernoulli_log_prob
-        if bernoulli is not None:
-            vae.bernoulli_log_prob = bernoulli
+                                                         chunk_size=chunk_size, points_per_chunk=points_per_chunk))
+        saved = patched(dense)
         try:
             jax.block_until_ready(fn(params, jax.random.key(0), batches[0]))
         finally:
-            vae.bernoulli_log_prob = saved
+            vae.bernoulli_dense_log_prob = saved
 
         def run():
             return np.concatenate([np.asarray(fn(params, jax.random.fold_in(jax.random.key(2), i), xb))
                                    for i, xb in enumerate(batches)])
         return run
 
-    fns = {"before": ll_pass(500, _old_bernoulli_log_prob),
-           "auto, jax.nn.softplus": ll_pass("auto", _old_bernoulli_log_prob),
+    contenders = ("before", "logits", "auto")
+    fns = {"before": ll_pass(500, None, before_form),
+           "logits": ll_pass(old_samples, old_points, logits_form),
            "auto": ll_pass("auto")}
     gemm_rows = {}
     for m in sorted({rows, 1024, 4096}):
         fns[f"GEMM M={m}"], gemm_rows[f"GEMM M={m}"] = gemm_pass(m, n * k)
-    values = {name: fns[name]() for name in ("before", "auto, jax.nn.softplus", "auto")}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(args.repetitions):
-        random.Random(r).shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    t = {name: np.asarray(v) for name, v in times.items()}
+    values = {name: fns[name]() for name in contenders}
+    t = interleaved(fns, args.repetitions)
     ll_flops = n * k * DEC_FLOPS + n * ENC_FLOPS
     gemm = {name: gemm_rows[name] * DEC_FLOPS / t[name] / 1e9 for name in gemm_rows}  # per round
     best_gemm = max(gemm, key=lambda name: float(np.median(gemm[name])))
     rowsd = []
-    for name in ("before", "auto, jax.nn.softplus", "auto"):
+    for name in contenders:
         rate = ll_flops / t[name] / 1e9
         rowsd.append({"name": name, "seconds": float(np.median(t[name])), "points_per_s": float(np.median(n / t[name])),
                       "gflop_per_s": float(np.median(rate)),
                       "fraction_of_gemm": float(np.median(rate / gemm[best_gemm])),
                       "time_vs_before": float(np.median(t[name] / t["before"])),
+                      "time_vs_logits": float(np.median(t[name] / t["logits"])),
                       "max_abs_diff_vs_before": float(np.max(np.abs(values[name] - values["before"])))})
     for name in gemm_rows:
         rowsd.append({"name": name, "seconds": float(np.median(t[name])), "gflop_per_s": float(np.median(gemm[name]))})
@@ -141,6 +160,7 @@ def main(argv=None) -> int:
                           "model": "flax VAE 784-200-200-50", "data": "random binary"},
               "auto_chunk": {"points": points, "samples": samples, "rows": rows, "temp_bytes_per_row": per_row,
                              "budget_bytes": _chunking.cache_bytes()},
+              "logits_chunk": {"points": old_points, "samples": old_samples},
               "gemm_reference": best_gemm, "rows": rowsd,
               "load_average_start": load_start, "load_average_end": [round(v, 2) for v in os.getloadavg()]}
     out = Path(args.out)
@@ -153,17 +173,21 @@ def main(argv=None) -> int:
           f"Versions: {json.dumps(env['versions'])}", "",
           f"{n} random binary points in calls of {b}, {args.repetitions} interleaved rounds. The auto chunk: "
           f"{points} point(s) x {samples} samples = {rows} rows per step ({per_row / 1024:.1f} KiB of XLA temporaries "
-          f"per row against a {result['auto_chunk']['budget_bytes'] / 2**20:.0f} MiB cache budget).", "",
-          "| contender | seconds | points / s | GFLOP/s | of the GEMM rate | time vs before | max abs diff vs before |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+          f"per row against a {result['auto_chunk']['budget_bytes'] / 2**20:.0f} MiB cache budget); the logits form's "
+          f"auto chunk: {old_points} x {old_samples}. GFLOP/s count the decoder's products per sample and the "
+          "encoder's once per point; the GEMM reference is the fastest row below, timed in the same rounds.", "",
+          "| contender | seconds | points / s | GFLOP/s | of the GEMM rate | time vs before | time vs logits | "
+          "max abs diff vs before |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rowsd:
         if row["name"].startswith("GEMM"):
             md.append(f"| {row['name']} (decoder products alone) | {row['seconds']:.2f} | | {row['gflop_per_s']:.1f} | "
-                      f"{'reference' if row['name'] == best_gemm else ''} | | |")
+                      f"{'reference' if row['name'] == best_gemm else ''} | | | |")
         else:
             md.append(f"| {row['name']} | {row['seconds']:.2f} | {row['points_per_s']:.2f} | "
                       f"{row['gflop_per_s']:.1f} | "
                       f"{100 * row['fraction_of_gemm']:.0f}% | {row['time_vs_before']:.2f} | "
+                      f"{row['time_vs_logits']:.2f} | "
                       f"{row['max_abs_diff_vs_before']:.1e} |")
     (out / f"evaluation-speed-{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

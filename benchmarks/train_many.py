@@ -14,9 +14,7 @@ import argparse
 import datetime
 import json
 import os
-import random
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +22,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _interleave import interleaved  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -66,16 +67,8 @@ def main(argv=None) -> int:
     a, b = together(), in_turn()  # compile both
     err = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / max(float(np.max(np.abs(v))), 1e-30))
               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    times = {"one program": [], "in turn": []}
-    fns = {"one program": together, "in turn": in_turn}
-    order = list(fns)
-    for r in range(args.repetitions):
-        random.Random(r).shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    t1, t2 = np.asarray(times["one program"]), np.asarray(times["in turn"])
+    times = interleaved({"one program": together, "in turn": in_turn}, args.repetitions)
+    t1, t2 = times["one program"], times["in turn"]
     n = len(runs)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "environment": describe(), "device": str(jax.devices()[0].device_kind),

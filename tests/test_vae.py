@@ -97,7 +97,15 @@ def test_encoder_runs_once_per_example_under_the_sample_vmap(net):
     x = jnp.zeros((B, D))
     jaxpr = jax.make_jaxpr(lambda p: je.log_weights(net.model, net.guide, p, jax.random.key(0), x,
                                                      num_samples=K))(net.params)
-    dots = [str(e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    def eqns(jx):  # the equations of jx and of the jaxprs nested in them (custom_jvp bodies)
+        for e in jx.eqns:
+            yield e
+            for v in e.params.values():
+                if isinstance(v, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    yield from eqns(getattr(v, "jaxpr", v))
+
+    dots = [str(e.outvars[0].aval.shape) for e in eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert {f"({B}, 16)", f"({B}, 8)", f"({B}, {2 * DZ})"} <= set(dots)  # encoder: once per example
     per_sample = [d for d in dots if d.startswith(f"({B}, {K},")]
     assert sorted(per_sample) == sorted([f"({B}, {K}, 8)", f"({B}, {K}, 16)", f"({B}, {K}, {D})"])  # decoder

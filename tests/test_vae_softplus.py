@@ -33,3 +33,55 @@ def test_bernoulli_log_prob_matches_the_textbook_form():
     want = jnp.sum(x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits), axis=-1)
     np.testing.assert_allclose(vae.bernoulli_log_prob(x, logits), want, rtol=2e-6)
     del p
+
+
+def _dense_inputs():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.random(size=784) < 0.4, jnp.float32)
+    h = jnp.tanh(jnp.asarray(rng.normal(size=(5, 200)), jnp.float32))
+    kernel = jnp.asarray(rng.normal(size=(200, 784)) / 4, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=784), jnp.float32)
+    return x, h, kernel, bias
+
+
+def test_bernoulli_dense_log_prob_values_jitted_and_eager():
+    """The forward-only form (bias inside the softplus reduction) equals the logits form."""
+    x, h, kernel, bias = _dense_inputs()
+    want = vae.bernoulli_log_prob(x, h @ kernel + bias)
+    for fn in (vae.bernoulli_dense_log_prob, jax.jit(vae.bernoulli_dense_log_prob)):
+        np.testing.assert_allclose(fn(x, h, kernel, bias), want, rtol=2e-6)
+    # negative control: dropping the x . bias term is caught at this tolerance
+    y = h @ kernel
+    wrong = jnp.einsum("d,nd->n", x, y) - jnp.sum(vae.softplus(y + bias), axis=-1)
+    assert not np.allclose(wrong, want, rtol=2e-6)
+
+
+def test_bernoulli_dense_log_prob_derivative_is_the_training_form():
+    """Differentiated, it is the derivative of the reference (transposed-kernel) form."""
+    x, h, kernel, bias = _dense_inputs()
+
+    def total(fn, *args):
+        return jnp.sum(jnp.sin(fn(*args) / 100))
+
+    argnums = (0, 1, 2, 3)
+    got = jax.jit(jax.grad(lambda *a: total(vae.bernoulli_dense_log_prob, *a), argnums=argnums))(x, h, kernel, bias)
+    ref = jax.jit(jax.grad(lambda *a: total(vae._bernoulli_dense_reference, *a), argnums=argnums))(x, h, kernel, bias)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = jax.grad(lambda *a: total(lambda x, h, k, b: vae.bernoulli_log_prob(x, h @ k + b), *a),
+                     argnums=argnums)(x, h, kernel, bias)
+    for a, b in zip(got, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_vae_log_likelihood_uses_the_dense_form():
+    """The VAE's log p(x | z) equals the Bernoulli log-likelihood of its decoder's logits."""
+    from jaxelbo.models import vae as v
+
+    net = v.build(jax.random.key(0), 784)
+    x = jnp.asarray(np.random.default_rng(2).random(784) < 0.5, jnp.float32)
+    z = jax.random.normal(jax.random.key(3), (6, 50))
+    logits = jax.vmap(lambda zz: v.bernoulli_log_prob(x, jnp.log(net.decode(net.params["model"], zz))
+                                                      - jnp.log1p(-net.decode(net.params["model"], zz))))(z)
+    got = jax.vmap(lambda zz: net.model.log_likelihood(net.params["model"], x, zz))(z)
+    np.testing.assert_allclose(got, logits, rtol=1e-4)

@@ -16,9 +16,11 @@ the sign of the loss turned: an upper bound is *minimised*.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 
-from jaxelbo import registry
+from jaxelbo import per_site, registry
 from jaxelbo._validation import check_count, check_model_guide, check_real
 from jaxelbo.objectives import renyi
 from jaxelbo.types import Guide, LossFn, Model, PyTree
@@ -30,7 +32,7 @@ CUBO_ESTIMATORS = ("reparam", "dreg")
 
 
 def cubo(model: Model, guide: Guide, *, num_samples: int, n: float = 2.0,
-         estimator: str = "reparam") -> LossFn:
+         estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     r"""The chi upper bound ``CUBO_n`` (Dieng et al. 2017, arXiv:1611.00328), to be minimised.
 
     .. math:: \widehat{\mathrm{CUBO}}_n = \frac1n \log \frac1K \sum_k \tilde w_k^{\,n},
@@ -63,7 +65,11 @@ def cubo(model: Model, guide: Guide, *, num_samples: int, n: float = 2.0,
       num_samples: K >= 1 samples per example.
       n: the order, a float ``>= 1`` (default 2: the chi-square upper bound; 1 gives the
         IWAE estimate of ``log p(x)`` itself).
-      estimator: ``reparam`` (default) or ``dreg``.
+      estimator: ``reparam`` (default) or ``dreg``; or per site for a mixed guide
+        (:mod:`jaxelbo.per_site`), ``{"continuous": "reparam" | "dreg", "discrete": "score" | "vimco"}``:
+        the discrete sites get the score-function gradient of the estimate with the baselines
+        of :func:`jaxelbo.renyi` at ``alpha = 1 - n`` (unbiased for the gradient of
+        ``E[CUBO^_n]``, as ``reparam`` is).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. **``loss`` is
@@ -94,17 +100,21 @@ def cubo(model: Model, guide: Guide, *, num_samples: int, n: float = 2.0,
     if n < 1.0:
         raise ValueError(f"cubo: the order n must be >= 1 (an upper bound), got {n}; "
                          "for orders below 1 use je.renyi, a lower bound")
-    if not isinstance(estimator, str) or estimator not in CUBO_ESTIMATORS:
+    if isinstance(estimator, Mapping):  # a per-site estimator: the pathwise part among cubo's, renyi's signals
+        spelled = per_site.parse(estimator, CUBO_ESTIMATORS, objective="cubo").name
+    elif not isinstance(estimator, str) or estimator not in CUBO_ESTIMATORS:
         raise ValueError(f"objective 'cubo' does not support estimator {estimator!r}; "
                          f"valid choices for cubo: {', '.join(CUBO_ESTIMATORS)}")
+    else:
+        spelled = estimator
     lower = renyi(model, guide, num_samples=k, alpha=1.0 - n, estimator=estimator)
 
     def loss_fn(params: dict, rng: jax.Array, x: PyTree) -> tuple[jax.Array, dict]:
         loss, aux = lower(params, rng, x)
         return -loss, aux
 
-    loss_fn.__name__ = f"cubo_{estimator}_loss"
-    loss_fn.__doc__ = f"+mean CUBO_{n:g} estimate (minimised); gradient: {estimator} estimator. Returns (loss, aux)."
+    loss_fn.__name__ = f"cubo_{spelled}_loss"
+    loss_fn.__doc__ = f"+mean CUBO_{n:g} estimate (minimised); gradient: {spelled} estimator. Returns (loss, aux)."
     return loss_fn
 
 

@@ -118,7 +118,9 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
       estimator: ``reparam`` (default), ``stl``, ``dreg``, ``score`` (``vimco`` or another
         score-function signal only through ``signals``), or a per-site estimator
         ``{"continuous": P, "discrete": S}`` for a guide that declares its reparameterised
-        sites (:mod:`jaxelbo.per_site`).
+        sites (:mod:`jaxelbo.per_site`): ``P`` a pathwise estimator the objective supports,
+        ``S`` ``score`` (``signals["score"]``, else the leave-one-out signal) or ``vimco``
+        where ``signals`` gives it. Not with ``phi_ratio``.
       dreg_ratio: optional closed form of ``d / c`` for one example (cheaper than autodiff
         for large N); where ``c_k`` is 0 a sample gives nothing to ``phi``.
       signals: optional closed-form learning signals per score-function estimator, e.g.
@@ -126,7 +128,7 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
       phi_ratio: where ``phi`` ascends another bound than ``theta`` (PIWAE), the ratio of
         ``phi``'s weights to ``c`` for ``reparam``/``stl``.
       direct_score: ``False`` drops ``F``'s direct ``-c_k dlog q/dphi`` term from ``score``
-        (RWS's wake-phi update).
+        (RWS's wake-phi update), and from the discrete sites of a per-site estimator.
       name: the objective's name (a registered name validates the estimator against
         :data:`jaxelbo.OBJECTIVES`); default ``"custom"``.
 
@@ -160,15 +162,17 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
     signals = dict(signals or {})
     sites: per_site.PerSite | None = None
     if per_site.is_per_site(estimator):
-        if name is not None and name in registry.names():
-            valid = registry.get(name).estimators
-        else:
-            valid = tuple(e for e in est.ESTIMATORS if e in est.PATHWISE or e == "score" or e in signals)
-        score_valid = tuple(e for e in est.SCORE_FUNCTION if e in valid and (e == "score" or e in signals))
-        if not direct_score:
-            score_valid = ()
+        label = name or "make_objective"
+        if phi_ratio is not None:
+            raise ValueError(f"{label}: per-site estimators are not supported where phi ascends another bound "
+                             "than theta (phi_ratio, as in piwae): the discrete sites would need the score "
+                             "signal of phi's bound; use iwae or miwae with a per-site estimator")
+        # the pathwise part: what the objective supports; the discrete part: "score" (the
+        # objective's signal, else the leave-one-out one of F) and the signals it gives
+        valid = registry.get(name).estimators if name is not None and name in registry.names() else est.PATHWISE
+        score_valid = tuple(e for e in est.SCORE_FUNCTION if e == "score" or e in signals)
         sites = per_site.parse(cast(Mapping[str, Any], estimator),
-                               tuple(e for e in est.PATHWISE if e in valid), score_valid, name or "make_objective")
+                               tuple(e for e in est.PATHWISE if e in valid), score_valid, label)
     elif name is not None and name in registry.names():
         registry.check_estimator(name, cast(str, estimator))
     else:
@@ -195,7 +199,8 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
         if sites is not None:
             surrogate, log_w = per_site.per_site_surrogate(
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound, estimator=sites,
-                signal_fn=jax.vmap(signal), dreg_ratio=batched(dreg_ratio), phi_ratio=batched(phi_ratio))
+                signal_fn=jax.vmap(signal), dreg_ratio=batched(dreg_ratio), phi_ratio=batched(phi_ratio),
+                discrete_direct=direct_score)
         elif estimator in est.PATHWISE:
             surrogate, log_w = est.pathwise_surrogate(
                 model, guide, params, rng, x, sample_shape=sample_shape, bound_fn=batched_bound,
@@ -326,7 +331,7 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mappi
 
 
 def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: str = "reparam") -> LossFn:
+          estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """Mean of M independent IWAE_K bounds (Rainforth et al. 2018, arXiv:1802.04537).
 
     .. math:: \\mathcal{L}_{M,K} = \\frac{1}{M} \\sum_m \\log \\frac{1}{K} \\sum_k \\tilde w_{m,k}
@@ -338,7 +343,11 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_outer: M >= 1 independent groups per example.
       num_inner: K >= 1 samples per group (M K draws per example in all).
-      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``; or per site for a mixed guide
+        (:mod:`jaxelbo.per_site`), ``{"continuous": P, "discrete": S}`` with ``P`` one of those
+        and ``S`` ``score`` or ``vimco``: the discrete sites of ``z_mk`` get the learning signal
+        ``(L_m - L_m^(-k)) / M`` of their group's IWAE_K, with IWAE_{K-1} of the group's others
+        (``score``) or VIMCO's baseline (``vimco``) as ``L_m^(-k)``.
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -352,11 +361,13 @@ def miwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
     m = check_count("num_outer", num_outer)
     k = check_count("num_inner", num_inner)
     return make_objective(model, guide, lambda lw: jnp.mean(log_mean_exp(lw), axis=-1), num_samples=(m, k),
-                          estimator=_as_estimator(estimator), dreg_ratio=_softmax, name="miwae")
+                          estimator=_as_estimator(estimator), dreg_ratio=_softmax, name="miwae",
+                          signals={"score": lambda lw: est.iwae_score_signal(lw) / m,
+                                   "vimco": lambda lw: est.vimco_signal(lw) / m})
 
 
 def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float = 0.5,
-          estimator: str = "reparam") -> LossFn:
+          estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """Convex combination ``beta * ELBO_K + (1 - beta) * IWAE_K`` (Rainforth et al. 2018).
 
     The weights of sample k are ``c_k = beta/K + (1 - beta) w_k``; ``dreg`` applies only to
@@ -368,7 +379,10 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float = 0.5,
       num_samples: K >= 1 samples per example, shared by both terms.
       beta: the ELBO's weight, in ``[0, 1]`` (0: IWAE, 1: the ELBO); default 0.5, the
         default of ``jaxelbo train --beta`` and of :func:`jaxelbo.registry.make` too.
-      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``; or per site for a mixed guide
+        (:mod:`jaxelbo.per_site`), ``{"continuous": P, "discrete": S}`` with ``P`` one of those
+        and ``S`` ``score`` or ``vimco``: the discrete sites get ``beta`` times the ELBO's
+        leave-one-out signal plus ``1 - beta`` times IWAE's (``score``) or VIMCO's (``vimco``).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -392,8 +406,12 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float = 0.5,
             return w
         return (beta / k + (1.0 - beta) * w * w) / (beta / k + (1.0 - beta) * w)
 
+    def signal(iwae_signal: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+        return lambda lw: beta * est.elbo_score_signal(lw) + (1.0 - beta) * iwae_signal(lw)
+
     return make_objective(model, guide, bound_fn, num_samples=k, estimator=_as_estimator(estimator),
-                          dreg_ratio=dreg_ratio, name="ciwae")
+                          dreg_ratio=dreg_ratio, name="ciwae",
+                          signals={"score": signal(est.iwae_score_signal), "vimco": signal(est.vimco_signal)})
 
 
 def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
@@ -447,7 +465,7 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
 
 
 def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float = 0.5,
-          estimator: str = "reparam") -> LossFn:
+          estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """The variational Renyi bound (Li & Turner 2016, arXiv:1602.02311).
 
     .. math:: \\mathcal{L}_\\alpha = \\frac{1}{1-\\alpha}
@@ -464,7 +482,11 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float = 0.5,
       num_samples: K >= 1 samples per example.
       alpha: the order, any finite float (0: IWAE, 1: the ELBO); default 0.5, the default
         of ``jaxelbo train --objective renyi --alpha`` and of :func:`jaxelbo.registry.make` too.
-      estimator: ``reparam`` (default), ``stl`` or ``dreg``.
+      estimator: ``reparam`` (default), ``stl`` or ``dreg``; or per site for a mixed guide
+        (:mod:`jaxelbo.per_site`), ``{"continuous": P, "discrete": S}`` with ``P`` one of those
+        and ``S`` ``score`` (baseline: the bound of the K - 1 other samples) or ``vimco`` (the
+        bound with ``log w~_k`` replaced by the mean of the others, VIMCO's construction);
+        both are IWAE's at ``alpha = 0`` and the ELBO's leave-one-out signal at ``alpha = 1``.
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -485,11 +507,21 @@ def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float = 0.5,
     def dreg_ratio(lw):
         return alpha + (1.0 - alpha) * _softmax((1.0 - alpha) * lw)
 
+    def score_signal(lw):  # L - L_alpha of the K - 1 others
+        if alpha == 1.0:
+            return est.elbo_score_signal(lw)
+        bound = bound_fn(lw)[..., None]
+        if k == 1:
+            return jnp.broadcast_to(bound, lw.shape)
+        a = 1.0 - alpha
+        return bound - (leave_one_out_logsumexp(a * lw) - math.log(k - 1)) / a
+
     return make_objective(model, guide, bound_fn, num_samples=k, estimator=_as_estimator(estimator),
-                          dreg_ratio=dreg_ratio, name="renyi")
+                          dreg_ratio=dreg_ratio, name="renyi",
+                          signals={"score": score_signal, "vimco": lambda lw: est.leave_one_out_signal(bound_fn, lw)})
 
 
-def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg",
+def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mapping[str, str] = "dreg",
         alpha: float = 1.0, insomnia: float = 1.0, num_sleep_samples: int | None = None,
         defensive: float = 0.0) -> LossFn:
     """Reweighted wake-sleep (Bornschein & Bengio 2015, arXiv:1406.2751) and DReG(alpha).
@@ -524,9 +556,27 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
       ``z`` is drawn from the prior through :attr:`Model.sample`). ``theta`` gets
       ``sum_k w_k grad log p(x, z_k)`` with these weights.
 
+    **Mixed guides.** The wake-phi update holds ``z`` fixed, so ``score`` needs no
+    reparameterisation and already suits a guide with discrete sites: every site gets
+    ``sum_k w_k grad log q(z_k)``. The per-site estimator
+    ``{"continuous": "dreg", "discrete": "score"}`` (:mod:`jaxelbo.per_site`) gives the
+    reparameterised sites ``c`` the doubly-reparameterised form instead, conditional on the
+    discrete sample ``d`` (the reparameterisation identity holds for ``c_k ~ q_C(. | d_k)``
+    with ``d`` fixed, and ``log q_D(d_k)`` does not depend on ``c_k``):
+
+    .. math:: \sum_k \big(\alpha w_k + (1 - 2\alpha) w_k^2\big) g_k
+       + \sum_k \big(\alpha w_k + (1 - \alpha)(L - L_{-k} - w_k)\big) s_k,
+
+    ``s_k = dlog q_D(d_k)/dphi``, ``L_{-k}`` the IWAE_{K-1} bound of the others (the IWAE
+    share's score baseline, present only for ``alpha < 1``); both times ``insomnia``. At
+    ``alpha = 1`` the discrete sites get the wake-phi ``sum_k w_k s_k``, so this estimator
+    and ``score`` have the same expectation. ``reparam``/``stl`` (gradients of a bound, which
+    wake-phi is not) and ``vimco`` are refused, as is ``defensive > 0``.
+
     Args:
       num_samples: K.
-      estimator: ``dreg`` (default) or ``score``.
+      estimator: ``dreg`` (default) or ``score``; or ``{"continuous": "dreg", "discrete": "score"}``
+        for a guide that declares its reparameterised sites.
       alpha: the wake-phi share of ``phi``'s update, in ``[0, 1]``.
       insomnia: the wake share of ``phi``'s update, in ``[0, 1]`` (1: wake-phi, 0: sleep-phi).
       num_sleep_samples: draws from the model per step for sleep-phi (default ``num_samples``).
@@ -578,6 +628,13 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
     if estimator == "score" and alpha != 1.0:
         raise ValueError(f"rws: estimator 'score' supports only alpha = 1 (the wake-phi update), got {alpha}; "
                          "use estimator 'dreg' for DReG(alpha)")
+
+    def wake_signal(lw):  # alpha * wake-phi + (1 - alpha) * IWAE's score term (its direct term included)
+        w = _softmax(lw)
+        if alpha == 1.0:
+            return insomnia * w
+        return insomnia * (alpha * w + (1.0 - alpha) * (est.iwae_score_signal(lw) - w))
+
     if defensive > 0.0:
         check_model_guide(model, guide)
         registry.check_estimator("rws", estimator)
@@ -585,8 +642,7 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
     else:
         wake = make_objective(model, guide, log_mean_exp, num_samples=k, estimator=_as_estimator(estimator),
                               dreg_ratio=lambda lw: insomnia * (alpha + (1.0 - 2.0 * alpha) * _softmax(lw)),
-                              signals={"score": lambda lw: insomnia * _softmax(lw)}, direct_score=False,
-                              name="rws")
+                              signals={"score": wake_signal}, direct_score=False, name="rws")
     if insomnia == 1.0:
         return wake
 
@@ -596,7 +652,8 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str = "dreg"
                                                num_sleep_samples=num_sleep)
         return loss + (1.0 - insomnia) * sleep, aux
 
-    loss_fn.__name__ = f"rws_{estimator}_insomnia_loss"
+    spelled = per_site.parse(estimator).name if isinstance(estimator, Mapping) else estimator
+    loss_fn.__name__ = f"rws_{spelled}_insomnia_loss"
     loss_fn.__doc__ = f"-mean IWAE bound; phi: {insomnia:g} wake + {1 - insomnia:g} sleep. Returns (loss, aux)."
     return loss_fn
 
@@ -638,7 +695,7 @@ def jvi_weights(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     return c, d
 
 
-def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "reparam") -> LossFn:
+def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """Jackknife variational inference (Nowozin 2018), first order.
 
     .. math:: \\mathcal{J}_K = K \\mathcal{L}_K - \\frac{K-1}{K} \\sum_{i=1}^K
@@ -659,7 +716,10 @@ def jvi(model: Model, guide: Guide, *, num_samples: int, estimator: str = "repar
 
     Args:
       num_samples: K >= 2.
-      estimator: ``reparam`` or ``dreg``.
+      estimator: ``reparam`` or ``dreg``; or per site for a mixed guide (:mod:`jaxelbo.per_site`),
+        ``{"continuous": "reparam" | "dreg", "discrete": "score"}``: the discrete sites get the
+        leave-one-out signal ``J(log w~) - J(log w~ with log w~_k := mean_{j != k} log w~_j)``
+        (O(K^2) per example).
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes

@@ -135,7 +135,8 @@ def _float_dtype() -> Any:
 def per_site_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array, x: PyTree, *,
                        sample_shape: tuple[int, ...], bound_fn: est.BoundFn, estimator: PerSite,
                        signal_fn: est.SignalFn, dreg_ratio: est.RatioFn | None = None,
-                       phi_ratio: est.RatioFn | None = None) -> tuple[jax.Array, jax.Array]:
+                       phi_ratio: est.RatioFn | None = None,
+                       discrete_direct: bool = True) -> tuple[jax.Array, jax.Array]:
     """Surrogate bound of a per-site estimator; returns ``(surrogate (B,), log_w (B, *sample_shape))``.
 
     The value is ``bound_fn(log w~)``. ``theta`` gets ``c_k dlog p/dtheta``; ``phi`` gets
@@ -151,6 +152,9 @@ def per_site_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
       signal_fn: the discrete sites' learning signal, ``(B, *S) -> (B, *S)``.
       dreg_ratio: ``d_k / c_k`` (needed for ``continuous="dreg"``).
       phi_ratio: as for :func:`jaxelbo.estimators.pathwise_surrogate`.
+      discrete_direct: ``False`` drops the direct term ``-c_k dlog q_D(d_k)/dphi`` (``log q_D``
+        enters the log-weights at ``stop_gradient(phi)``), so the discrete sites get the
+        signal's term alone: RWS's wake-phi update, which is not the gradient of a bound.
     """
     if guide.reparameterized is None or guide.discrete_log_prob is None:
         raise TypeError(f"per-site estimator {estimator.name!r} needs a guide that declares its reparameterised "
@@ -193,10 +197,14 @@ def per_site_surrogate(model: Model, guide: Guide, params: dict, rng: jax.Array,
         return discrete_log_prob(p, xx, from_float(z))
 
     # log p(x, z) - log q_D(d): its phi enters as a "model" parameter, so it gets the
-    # bound's own weights c_k (the direct term), never a pathwise ratio.
+    # bound's own weights c_k (the direct term), never a pathwise ratio; with
+    # discrete_direct=False it enters at stop_gradient(phi) and gets nothing.
+    def direct_phi(p: PyTree) -> PyTree:
+        return p if discrete_direct else sg(p)
+
     shifted = Model(log_prior=lambda tp, z: model.log_prior(tp[0], from_float(z)),
                     log_likelihood=lambda tp, xx, z: model.log_likelihood(tp[0], xx, from_float(z))
-                    - log_q_discrete(tp[1], xx, z))
+                    - log_q_discrete(direct_phi(tp[1]), xx, z))
     continuous = Guide(sample=sample_one, log_prob=log_q_continuous)
     _check_paths(continuous, flags, phi, keys, x, estimator)
     ratio: est.RatioFn | None

@@ -120,7 +120,8 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
         ``{"continuous": P, "discrete": S}`` for a guide that declares its reparameterised
         sites (:mod:`jaxelbo.per_site`): ``P`` a pathwise estimator the objective supports,
         ``S`` ``score`` (``signals["score"]``, else the leave-one-out signal) or ``vimco``
-        where ``signals`` gives it. Not with ``phi_ratio``.
+        where ``signals`` gives it. With ``phi_ratio`` only with ``direct_score=False`` and
+        signals that include ``phi``'s direct term (as :func:`piwae` does).
       dreg_ratio: optional closed form of ``d / c`` for one example (cheaper than autodiff
         for large N); where ``c_k`` is 0 a sample gives nothing to ``phi``.
       signals: optional closed-form learning signals per score-function estimator, e.g.
@@ -163,10 +164,10 @@ def make_objective(model: Model, guide: Guide, bound_fn: PerExampleFn, *,
     sites: per_site.PerSite | None = None
     if per_site.is_per_site(estimator):
         label = name or "make_objective"
-        if phi_ratio is not None:
-            raise ValueError(f"{label}: per-site estimators are not supported where phi ascends another bound "
-                             "than theta (phi_ratio, as in piwae): the discrete sites would need the score "
-                             "signal of phi's bound; use iwae or miwae with a per-site estimator")
+        if phi_ratio is not None and direct_score:
+            raise ValueError(f"{label}: a per-site estimator with phi_ratio (phi ascends another bound than "
+                             "theta) needs direct_score=False and signals that carry phi's own direct term "
+                             "-c'_k, as piwae's do: the discrete sites' direct term would get theta's weights")
         # the pathwise part: what the objective supports; the discrete part: "score" (the
         # objective's signal, else the leave-one-out one of F) and the signals it gives
         valid = registry.get(name).estimators if name is not None and name in registry.names() else est.PATHWISE
@@ -415,7 +416,7 @@ def ciwae(model: Model, guide: Guide, *, num_samples: int, beta: float = 0.5,
 
 
 def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
-          estimator: str = "reparam") -> LossFn:
+          estimator: str | Mapping[str, str] = "reparam") -> LossFn:
     """Partially importance-weighted auto-encoder (Rainforth et al. 2018, arXiv:1802.04537).
 
     ``theta`` is trained on IWAE_{MK} over all ``M*K`` samples (weights
@@ -433,7 +434,11 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
       guide: a :class:`~jaxelbo.Guide`; reparameterised for ``reparam``, ``stl`` and ``dreg``.
       num_outer: M >= 1 groups (``phi``'s MIWAE_{M,K}).
       num_inner: K >= 1 samples per group.
-      estimator: ``reparam`` (default) or ``dreg``.
+      estimator: ``reparam`` (default) or ``dreg``; or per site for a mixed guide
+        (:mod:`jaxelbo.per_site`), ``{"continuous": "reparam" | "dreg", "discrete": "score" | "vimco"}``:
+        the discrete sites get MIWAE's score-function gradient (``phi``'s bound), i.e. the
+        learning signal ``(L_m - L_m^(-k) - w_mk) / M`` of :func:`miwae` with MIWAE's own
+        direct term ``-w_mk / M`` folded in, while ``theta`` keeps IWAE_{MK}'s weights.
 
     Returns:
       ``loss_fn(params, rng, x) -> (loss, aux)``, pure and ``jit``-able. It takes
@@ -460,8 +465,15 @@ def piwae(model: Model, guide: Guide, *, num_outer: int, num_inner: int,
         log_r, lse_m = log_group_share(lw)
         return jnp.exp(jnp.minimum(log_r + lw - lse_m, _MAX_LOG_RATIO))
 
+    # per site: phi's (MIWAE's) direct term on the discrete sites rides in the signal (direct_score=False;
+    # the whole-guide score estimators, which direct_score also governs, are not piwae's)
+    def signal(iwae_signal: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+        return lambda lw: (iwae_signal(lw) - _softmax(lw)) / m
+
     return make_objective(model, guide, lambda lw: log_mean_exp(lw.reshape(-1)), num_samples=(m, k),
-                          estimator=_as_estimator(estimator), phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae")
+                          estimator=_as_estimator(estimator), phi_ratio=phi_ratio, dreg_ratio=dreg_ratio, name="piwae",
+                          signals={"score": signal(est.iwae_score_signal), "vimco": signal(est.vimco_signal)},
+                          direct_score=False)
 
 
 def renyi(model: Model, guide: Guide, *, num_samples: int, alpha: float = 0.5,
@@ -564,8 +576,8 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mappin
     discrete sample ``d`` (the reparameterisation identity holds for ``c_k ~ q_C(. | d_k)``
     with ``d`` fixed, and ``log q_D(d_k)`` does not depend on ``c_k``):
 
-    .. math:: \sum_k \big(\alpha w_k + (1 - 2\alpha) w_k^2\big) g_k
-       + \sum_k \big(\alpha w_k + (1 - \alpha)(L - L_{-k} - w_k)\big) s_k,
+    .. math:: \\sum_k \\big(\\alpha w_k + (1 - 2\\alpha) w_k^2\\big) g_k
+       + \\sum_k \\big(\\alpha w_k + (1 - \\alpha)(L - L_{-k} - w_k)\\big) s_k,
 
     ``s_k = dlog q_D(d_k)/dphi``, ``L_{-k}`` the IWAE_{K-1} bound of the others (the IWAE
     share's score baseline, present only for ``alpha < 1``); both times ``insomnia``. At
@@ -637,7 +649,7 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mappin
 
     if defensive > 0.0:
         check_model_guide(model, guide)
-        registry.check_estimator("rws", estimator)
+        registry.check_estimator("rws", cast(str, estimator))
         wake = wake_sleep.defensive_wake_loss(model, guide, num_samples=k, defensive=defensive, insomnia=insomnia)
     else:
         wake = make_objective(model, guide, log_mean_exp, num_samples=k, estimator=_as_estimator(estimator),

@@ -133,6 +133,10 @@ def validate(settings: TrainSettings | dict) -> None:
     from jaxelbo import registry
 
     settings = as_settings(settings)
+    if isinstance(settings.estimator, str) and ("continuous" in settings.estimator or "=" in settings.estimator):
+        raise ValueError(f"--estimator {settings.estimator!r}: per-site estimators are for guides with discrete "
+                         "sites (Python API: estimator={'continuous': 'dreg', 'discrete': 'vimco'}); the VAE's "
+                         "latents are all reparameterised, so 'dreg' already gives each its pathwise gradient")
     registry.check_estimator(settings.objective, settings.estimator)
     objective_kwargs(settings)  # the budget splits and the extra keywords belong to the objective
     for key in ("num_samples", "steps", "batch_size", "latent_dim", "log_every", "max_nonfinite_steps"):

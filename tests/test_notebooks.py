@@ -60,7 +60,8 @@ def _docs_hooks():
 
 
 @pytest.mark.slow  # ~10-45 s each in fast mode; CI runs them (pytest -m slow)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xdist_group(f"notebook-{p.stem}"))
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path):
     """Runs the notebook top to bottom in fast mode; any cell error fails the test."""
     hooks = _docs_hooks()

@@ -40,13 +40,13 @@ For any bound ``F`` of :func:`jaxelbo.make_objective`, ``w_k`` is ``c_k = dF/dlo
 ``params["guide"]`` gets the plain derivative of the loss value.
 
 Which objectives take one (each refuses other pairs when the loss is built, naming the valid
-choices): ``elbo``, ``iwae``, ``miwae``, ``ciwae``, ``renyi``, ``jvi``, ``cubo`` and any
+choices): ``elbo``, ``iwae``, ``miwae``, ``ciwae``, ``piwae``, ``renyi``, ``jvi``, ``cubo`` and any
 :func:`jaxelbo.make_objective` bound, with the signals their docstrings give; ``rws`` as
 ``{"continuous": "dreg", "discrete": "score"}`` (the wake-phi update is not a bound's gradient:
 RWS-DReG on ``c``, ``sum_k w_k dlog q_D(d_k)/dphi`` on ``d``, no direct term,
 ``discrete_direct=False`` below); ``tvo`` as ``{"continuous": "reparam", "discrete": "score"}``
-(the covariance term for ``d`` alone). ``piwae`` refuses them: its ``phi`` ascends another bound
-than its ``theta``, whose direct term the engine does not reroute.
+(the covariance term for ``d`` alone). ``piwae``'s ``phi`` ascends another bound than its
+``theta``: its signals carry ``phi``'s own direct term, with ``discrete_direct=False``.
 
 Example:
   >>> import jax, jax.numpy as jnp, jaxelbo as je

@@ -62,7 +62,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -635,7 +635,7 @@ def _global_sites(model_fn: Callable, guide_fn: Callable, rng: jax.Array, args: 
 
 def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *args: Any, data_plate: str,
                       num_samples: int, num_global_samples: int = 1,
-                      estimator: str = "dreg") -> tuple[Callable, dict]:
+                      estimator: str | Mapping[str, str] = "dreg") -> tuple[Callable, dict]:
     r"""A bound for a NumPyro model with global latents and a data plate of local ones.
 
     The model ``p(beta) prod_n p(z_n | beta) p(x_n | z_n, beta)`` has global latents
@@ -654,9 +654,15 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
     batch's sum, so the estimate is unbiased for the full-data bound under subsampling.
     Gradients: the locals get ``estimator``'s gradient of their IWAE given ``beta``
     (``dreg``, ``reparam``, ``stl``, or ``score`` / ``vimco`` for discrete locals); the
-    global draw ``beta = t(eps, phi)`` is reparameterised and its gradient is the plain
-    autodiff one: the local bound's value differentiated through ``beta`` with the
-    parameters held (the loss's x-gradient, plain autodiff for every estimator).
+    global draw ``beta = t(eps, phi)`` is reparameterised and its gradient is the local
+    bound's value differentiated through ``beta`` with the parameters held (through the
+    guide's reparameterised local draws too) plus, when the local sites are discrete and
+    ``q(z_n | x_n, beta)`` depends on ``beta``, their score term
+    ``sum_k s_nk dlog q(z_nk | x_n, beta)/dbeta`` with the local estimator's own signal
+    ``s`` (IWAE_{K-1}'s leave-one-out one for ``score``, VIMCO's for ``vimco``, also as
+    the ``"discrete"`` entry of a per-site estimator): an unbiased gradient of the bound
+    for the global guide's parameters. Discrete locals take ``score`` or ``vimco`` only
+    (``ovis`` raises).
 
     Args:
       model_fn, guide_fn: a NumPyro model and guide written for the whole data set, as
@@ -730,6 +736,7 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
     model, guide, params = from_numpyro(given(model_fn), given(guide_fn), rng, *args, beta0,
                                         data_plate=data_plate)
     guide_transforms = _param_transforms(guide_trace)
+    discrete_signal = _discrete_signal(guide, estimator)
     local = iwae(model, guide, num_samples=num_samples, estimator=estimator)
     num_data_args = sum(_is_data(a, size) for a in args)
 
@@ -746,8 +753,12 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
             beta, log_q = sample_globals(params["guide"], key_global)
             beta_rows = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (batch, *jnp.shape(a))), beta)
             # beta enters the local bound through its x, whose gradient is plain autodiff for every
-            # estimator: beta's path derivative of the local bound, parameters held
+            # estimator: beta's path derivative of the local bound, parameters held; discrete local
+            # draws move with beta through q(z | x, beta) only, hence their score term below
             loss, aux = local(params, key_local, (*rows, beta_rows))
+            if discrete_signal is not None:
+                loss = loss - _local_score_term(guide, params["guide"], key_local, rows, beta_rows,
+                                                aux["log_weights"], discrete_signal)
             return loss + log_q / size, aux["bound"] - log_q / size, aux["log_weights"]
 
         keys = (jax.random.split(rng_global, num_global_samples), jax.random.split(rng_local, num_global_samples))
@@ -757,3 +768,47 @@ def global_local_iwae(model_fn: Callable, guide_fn: Callable, rng: jax.Array, *a
         return jnp.mean(losses), aux
 
     return loss_fn, params
+
+
+def _discrete_signal(guide: Guide, estimator: Any) -> Callable | None:
+    """The local estimator's learning signal of the discrete local sites, or None without such sites.
+
+    ``score``: IWAE_{K-1}'s leave-one-out signal, ``vimco``: VIMCO's, as :func:`jaxelbo.iwae`
+    gives them; a per-site estimator's ``"discrete"`` entry names one of the two.
+    """
+    from jaxelbo import estimators as est
+
+    declared = guide.reparameterized
+    if declared is None or all(dict(declared).values()):
+        return None
+    name = estimator.get("discrete") if isinstance(estimator, Mapping) else estimator
+    signals: dict[Any, Callable] = {"score": est.iwae_score_signal, "vimco": est.vimco_signal}
+    if name in ("ovis", "ovis-mc"):
+        sites = sorted(n for n, flag in dict(declared).items() if not flag)
+        raise ValueError(f"global_local_iwae with discrete local sites {sites} supports the local estimators "
+                         f"'score' and 'vimco' (the globals get their score term with the same signal), not "
+                         f"{name!r}")
+    return signals.get(name)  # a pathwise estimator: the local loss itself refuses the discrete sites
+
+
+def _local_score_term(guide: Guide, phi: dict, key: jax.Array, rows: tuple, beta_rows: dict,
+                      log_weights: jax.Array, signal_fn: Callable) -> jax.Array:
+    """``mean_b sum_k sg(s_bk) (log q_D(z_bk | x_b, beta) - sg(...))``: zero in value, beta's score term.
+
+    The local loss takes ``beta`` in its ``x``, whose gradient is the plain derivative of the
+    value at fixed ``z``; a discrete ``z_bk`` drawn from ``q(z | x_b, beta)`` also moves with
+    ``beta`` through its distribution, which gives the term ``sum_k s_bk dlog q_D(z_bk)/dbeta``
+    (``s`` the local estimator's signal). Its draws are the local loss's own (the same keys);
+    only ``beta`` is differentiated (the guide's parameters got their score term in the local loss).
+    """
+    from jaxelbo.weights import _per_example, sample_keys, sample_latents
+
+    batch, k = log_weights.shape
+    phi_held = jax.lax.stop_gradient(phi)
+    data = jax.lax.stop_gradient(tuple(rows))
+    keys = sample_keys(key, batch, k)
+    z = jax.lax.stop_gradient(sample_latents(guide, phi_held, keys, (*data, jax.lax.stop_gradient(beta_rows))))
+    assert guide.discrete_log_prob is not None
+    log_q = _per_example(guide.discrete_log_prob, None, "example", "sample")(phi_held, (*data, beta_rows), z)
+    signal = jax.lax.stop_gradient(signal_fn(log_weights))
+    return jnp.mean(jnp.sum(signal * (log_q - jax.lax.stop_gradient(log_q)), axis=-1))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxelbo.models import vae
 
@@ -85,3 +86,19 @@ def test_vae_log_likelihood_uses_the_dense_form():
                                                       - jnp.log1p(-net.decode(net.params["model"], zz))))(z)
     got = jax.vmap(lambda zz: net.model.log_likelihood(net.params["model"], x, zz))(z)
     np.testing.assert_allclose(got, logits, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stochastic_layers", [1, 2])
+def test_numpy_data_closed_over_by_jit_reaches_the_fused_output_layer(stochastic_layers):
+    """A NumPy data set that ``jax.jit`` closes over (notebook 01's ``je.elbo_surgery``) reaches the
+    fused output layer's custom_jvp through vmap; it used to fail with "non-canonical constant"."""
+    import jaxelbo as je
+
+    hidden, latent = ((200, 200), 50) if stochastic_layers == 2 else ((8,), 2)
+    net = vae.build(jax.random.key(0), 16, hidden=hidden, latent_dim=latent, stochastic_layers=stochastic_layers)
+    x = (np.random.default_rng(0).random((6, 16)) > 0.5).astype(np.float32)
+    rng = jax.random.key(1)
+    for fn in (lambda p: je.elbo_surgery(net.model, net.guide, p, rng, x).elbo,
+               lambda p: je.log_likelihood(net.model, net.guide, p, rng, x, num_samples=4).sum(),
+               lambda p: je.iwae(net.model, net.guide, num_samples=3)(p, rng, x)[0]):
+        np.testing.assert_allclose(jax.jit(fn)(net.params), fn(net.params), rtol=1e-5)

@@ -265,6 +265,9 @@ def decoder_log_prob(decoder: Decoder, x: jax.Array, z: jax.Array) -> jax.Array:
     """``log p(x | z) = bernoulli_log_prob(x, decoder(z))`` through :func:`bernoulli_dense_log_prob`."""
     out = decoder.net.out
     assert out.bias is not None  # the decoder's layers all have a bias
+    # ``+ 0`` rebinds x in the current trace: a custom_jvp refuses a NumPy array that jit closed
+    # over, also when vmap carries it ("non-canonical constant"); XLA folds the add away
+    x = jnp.asarray(x) + jnp.zeros((), jnp.result_type(x))
     return bernoulli_dense_log_prob(x, decoder.net.features(z), out.kernel[...], out.bias[...])
 
 

@@ -1,5 +1,6 @@
 """The VAE's softplus equals jax.nn.softplus (values and gradient) to float rounding."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +103,29 @@ def test_numpy_data_closed_over_by_jit_reaches_the_fused_output_layer(stochastic
                lambda p: je.log_likelihood(net.model, net.guide, p, rng, x, num_samples=4).sum(),
                lambda p: je.iwae(net.model, net.guide, num_samples=3)(p, rng, x)[0]):
         np.testing.assert_allclose(jax.jit(fn)(net.params), fn(net.params), rtol=1e-5)
+
+
+def test_bernoulli_dense_log_prob_takes_numpy_arrays_closed_over_and_vmapped():
+    """The public fused layer itself accepts NumPy arguments that ``jax.jit`` closed over and
+    ``vmap`` maps over (the rebinding lives in it, not only in ``decoder_log_prob``); the bare
+    custom_jvp refuses them ("non-canonical constant"). Values and derivatives are those of
+    the eager call."""
+    r = np.random.default_rng(3)
+    x = (r.random((5, 7)) > 0.5).astype(np.float32)
+    h = r.normal(size=(4, 3)).astype(np.float32)
+    kernel = r.normal(size=(3, 7)).astype(np.float32)
+    bias = r.normal(size=(7,)).astype(np.float32)
+
+    def over_x(b):
+        return jax.vmap(lambda xx: vae.bernoulli_dense_log_prob(xx, h, kernel, b))(x).sum()
+
+    def over_kernel():
+        return jax.vmap(lambda kk: vae.bernoulli_dense_log_prob(x[0], h, kk, bias))(np.stack([kernel, -kernel]))
+
+    for fn, args in ((over_x, (bias,)), (jax.value_and_grad(over_x), (bias,)), (over_kernel, ())):
+        chex.assert_trees_all_close(jax.jit(fn)(*args), fn(*args), rtol=1e-5, atol=1e-6)
+    want = vae._bernoulli_dense_reference(jnp.asarray(x), jnp.asarray(h)[:, None], jnp.asarray(kernel),
+                                          jnp.asarray(bias))
+    np.testing.assert_allclose(jax.jit(over_x)(bias), want.sum(), rtol=1e-5)
+    with pytest.raises(Exception, match="non-canonical"):  # the control: the bare custom_jvp
+        jax.jit(lambda: jax.vmap(lambda xx: vae._bernoulli_dense_log_prob(xx, jnp.asarray(h), kernel, bias))(x))()

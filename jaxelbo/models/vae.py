@@ -237,7 +237,6 @@ def _bernoulli_dense_reference(x: jax.Array, h: jax.Array, kernel: jax.Array, bi
     return bernoulli_log_prob(x, _dense_transposed(h, kernel, bias))
 
 
-@jax.custom_jvp
 def bernoulli_dense_log_prob(x: jax.Array, h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``bernoulli_log_prob(x, h @ kernel + bias)``: the decoder's output layer and its
     Bernoulli log-likelihood in one, for forward-only use such as ``je.log_likelihood``.
@@ -250,13 +249,24 @@ def bernoulli_dense_log_prob(x: jax.Array, h: jax.Array, kernel: jax.Array, bias
     sample. Under differentiation (``jax.jvp``/``jax.grad``) it is exactly the
     derivative of :func:`_bernoulli_dense_reference` (today's training step, with the
     transposed-kernel read). Values agree with it to float rounding.
+
+    Any argument may be a NumPy array, also one that ``jax.jit`` closed over and ``vmap``
+    carries: each is rebound in the current trace (``+ 0``, which XLA folds away) before
+    the ``custom_jvp``, which refuses such "non-canonical constants".
     """
+    x, h, kernel, bias = (jnp.asarray(a) + jnp.zeros((), jnp.result_type(a)) for a in (x, h, kernel, bias))
+    return _bernoulli_dense_log_prob(x, h, kernel, bias)
+
+
+@jax.custom_jvp
+def _bernoulli_dense_log_prob(x: jax.Array, h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """The ``custom_jvp`` behind :func:`bernoulli_dense_log_prob` (its arguments JAX arrays)."""
     y = jnp.einsum("...h,hd->...d", h, kernel)
     return (jnp.einsum("...d,...d->...", x, y) + jnp.einsum("...d,d->...", x, bias)
             - jnp.sum(softplus(y + bias), axis=-1))
 
 
-@bernoulli_dense_log_prob.defjvp
+@_bernoulli_dense_log_prob.defjvp
 def _bernoulli_dense_log_prob_jvp(primals, tangents):
     return jax.jvp(_bernoulli_dense_reference, primals, tangents)
 
@@ -265,9 +275,6 @@ def decoder_log_prob(decoder: Decoder, x: jax.Array, z: jax.Array) -> jax.Array:
     """``log p(x | z) = bernoulli_log_prob(x, decoder(z))`` through :func:`bernoulli_dense_log_prob`."""
     out = decoder.net.out
     assert out.bias is not None  # the decoder's layers all have a bias
-    # ``+ 0`` rebinds x in the current trace: a custom_jvp refuses a NumPy array that jit closed
-    # over, also when vmap carries it ("non-canonical constant"); XLA folds the add away
-    x = jnp.asarray(x) + jnp.zeros((), jnp.result_type(x))
     return bernoulli_dense_log_prob(x, decoder.net.features(z), out.kernel[...], out.bias[...])
 
 

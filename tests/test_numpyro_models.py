@@ -11,6 +11,9 @@ Eight schools, centred and non-centred, is in ``tests/test_numpyro.py``; the com
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,45 +22,17 @@ import pytest
 numpyro = pytest.importorskip("numpyro")
 
 import numpyro.distributions as dist  # noqa: E402
-from jax.example_libraries import stax  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 
 import jaxelbo as je  # noqa: E402
 from jaxelbo.numpyro import constrained_params, from_numpyro, global_local_iwae  # noqa: E402
 
 # --------------------------------------------------------------------------------------
-# The VAE of examples/vae.py
+# The VAE of examples/vae.py: the benchmark's own model and guide (benchmarks/numpyro_models.py)
 # --------------------------------------------------------------------------------------
 
-
-def encoder(hidden_dim, z_dim):
-    return stax.serial(stax.Dense(hidden_dim, W_init=stax.randn()), stax.Softplus, stax.FanOut(2),
-                       stax.parallel(stax.Dense(z_dim, W_init=stax.randn()),
-                                     stax.serial(stax.Dense(z_dim, W_init=stax.randn()), stax.Exp)))
-
-
-def decoder(hidden_dim, out_dim):
-    return stax.serial(stax.Dense(hidden_dim, W_init=stax.randn()), stax.Softplus,
-                       stax.Dense(out_dim, W_init=stax.randn()), stax.Sigmoid)
-
-
-def vae_model(batch, hidden_dim=400, z_dim=100):
-    batch = jnp.reshape(batch, (batch.shape[0], -1))
-    batch_dim, out_dim = jnp.shape(batch)
-    decode = numpyro.module("decoder", decoder(hidden_dim, out_dim), (batch_dim, z_dim))
-    with numpyro.plate("batch", batch_dim):
-        z = numpyro.sample("z", dist.Normal(0, 1).expand([z_dim]).to_event(1))
-        return numpyro.sample("obs", dist.Bernoulli(decode(z)).to_event(1), obs=batch)
-
-
-def vae_guide(batch, hidden_dim=400, z_dim=100):
-    batch = jnp.reshape(batch, (batch.shape[0], -1))
-    batch_dim, out_dim = jnp.shape(batch)
-    encode = numpyro.module("encoder", encoder(hidden_dim, z_dim), (batch_dim, out_dim))
-    z_loc, z_std = encode(batch)
-    with numpyro.plate("batch", batch_dim):
-        return numpyro.sample("z", dist.Normal(z_loc, z_std).to_event(1))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from numpyro_models import vae_guide, vae_model  # noqa: E402
 
 IMAGES = (jax.random.uniform(jax.random.key(3), (5, 2, 3)) > 0.5).astype(jnp.float32)   # 5 "images" of 2x3
 HIDDEN, LATENT = 4, 2

@@ -92,17 +92,22 @@ def nodes():
     return np.array(rows), weights
 
 
-def iwae_value(params, x, noise):
-    """IWAE_K at one node, by hand (the reference for the loss value and x's gradient)."""
+def log_weights_at(params, x, noise):
+    """The K log-weights log p(x, z_k) - log q(z_k | x) at one node: noise[k] = (d_k, eps_k), c_k = mu_d + s_d eps_k."""
     phi, th = params["guide"], params["model"]
     d = noise[:, 0].astype(jnp.int32)
     c = q_mean(phi, x)[d] + jnp.exp(phi["log_s"][d]) * noise[:, 1]
+
     def one(ci, di):
         z = {"c": ci, "d": di}
         return MODEL.log_prior(th, z) + MODEL.log_likelihood(th, x, z) - log_prob(phi, x, z)
 
-    lw = jax.vmap(one)(c, d)
-    return jax.nn.logsumexp(lw) - jnp.log(K)
+    return jax.vmap(one)(c, d)
+
+
+def iwae_value(params, x, noise):
+    """IWAE_K at one node, by hand (the reference for the loss value and x's gradient)."""
+    return jax.nn.logsumexp(log_weights_at(params, x, noise)) - jnp.log(K)
 
 
 def expected_iwae(params, noise, eps_weights, states):

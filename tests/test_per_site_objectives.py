@@ -18,7 +18,7 @@ import pytest
 import jaxelbo as je
 from jaxelbo.objectives import jvi_bound
 from jaxelbo.weights import log_mean_exp
-from tests.test_per_site import GUIDE, MODEL, RNG, X, log_prob, params64, q_logits, q_mean, table_guide
+from tests.test_per_site import GUIDE, MODEL, RNG, X, log_weights_at, params64, q_logits, table_guide
 
 K, NODES = 2, 10
 GH_EPS, GH_W = np.polynomial.hermite_e.hermegauss(NODES)
@@ -119,18 +119,6 @@ def node_table():
             states.append(ds)
             weights.append(np.prod(GH_W[list(idx)]))
     return np.array(rows), np.array(states), np.array(weights)
-
-
-def log_weights_at(params, x, noise):
-    phi, th = params["guide"], params["model"]
-    d = noise[:, 0].astype(jnp.int32)
-    c = q_mean(phi, x)[d] + jnp.exp(phi["log_s"][d]) * noise[:, 1]
-
-    def one(ci, di):
-        z = {"c": ci, "d": di}
-        return MODEL.log_prior(th, z) + MODEL.log_likelihood(th, x, z) - log_prob(phi, x, z)
-
-    return jax.vmap(one)(c, d)
 
 
 def expectation(fn, params, noise, states, eps_weights):

@@ -203,6 +203,7 @@ def test_amortisation_gap_exact(toy):
     np.testing.assert_allclose(gaps.local_scale, math.sqrt(post_var), atol=0.03)
 
 
+@pytest.mark.slow  # a report, not a claim: it builds the slow tests' sandwich fixture
 def test_report_margins(unbiased_runs, sandwich):  # prints the margins for the report (pytest -s)
     for name in ("hmc", "wrong"):
         _, ratios = unbiased_runs[name]

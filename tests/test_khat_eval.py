@@ -23,19 +23,23 @@ def params_with_scale(scale):
 
 @pytest.fixture(scope="module")
 def results():
+    ll_fn = jax.jit(lambda p, khat: je.log_likelihood(LG.model(), LG.guide(), p, RNG, X, num_samples=S,
+                                                      chunk_size=CHUNK, return_khat=khat), static_argnums=1)
+    # the same draws, all at once: sample k of point b uses fold_in(split(rng, B)[b], k)
+    keys = jax.vmap(lambda key: jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(S)))(
+        jax.random.split(RNG, X.shape[0]))
+
+    @jax.jit
+    def reference(p):
+        _, log_p, log_q = sample_and_log_weights(LG.model(), LG.guide(), p, keys, X)
+        lw = log_p - log_q
+        return je.psis_khat(lw), jax.nn.logsumexp(lw, axis=-1) - np.log(S)
+
     out = {}
     for scale in (0.1, 1.5):            # too narrow: heavy tails; wide: light tails
         params = params_with_scale(scale)
-        ll_fn = jax.jit(lambda p, khat: je.log_likelihood(LG.model(), LG.guide(), p, RNG, X, num_samples=S,
-                                                          chunk_size=CHUNK, return_khat=khat), static_argnums=1)
         ll, khat = ll_fn(params, True)
-        plain = ll_fn(params, False)
-        # the same draws, all at once: sample k of point b uses fold_in(split(rng, B)[b], k)
-        keys = jax.vmap(lambda key: jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(S)))(
-            jax.random.split(RNG, X.shape[0]))
-        _, log_p, log_q = sample_and_log_weights(LG.model(), LG.guide(), params, keys, X)
-        lw = log_p - log_q
-        out[scale] = (ll, khat, plain, je.psis_khat(lw), jax.nn.logsumexp(lw, axis=-1) - np.log(S))
+        out[scale] = (ll, khat, ll_fn(params, False), *reference(params))
     return out
 
 

@@ -48,12 +48,13 @@ def test_khat_separates_light_from_heavy_tails():
 
 @pytest.mark.slow  # 13 s in the cold gated CI of 2026-12-02 (load 4-7)
 def test_khat_axis_vmap_and_shift_invariance():
+    khat = jax.jit(je.psis_khat, static_argnames="axis")   # eager: test_khat_matches_arviz
     lw = jax.random.normal(jax.random.key(0), (3, 4, 100))
-    k = je.psis_khat(lw)
+    k = khat(lw)
     assert k.shape == (3, 4)
-    np.testing.assert_allclose(je.psis_khat(jnp.moveaxis(lw, -1, 0), axis=0), k, rtol=1e-6)
-    np.testing.assert_allclose(jax.vmap(je.psis_khat)(lw), k, rtol=1e-6)
-    np.testing.assert_allclose(je.psis_khat(lw + 1000.0), k, atol=2e-3)  # log-weights are relative
+    np.testing.assert_allclose(khat(jnp.moveaxis(lw, -1, 0), axis=0), k, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.vmap(je.psis_khat))(lw), k, rtol=1e-6)
+    np.testing.assert_allclose(khat(lw + 1000.0), k, atol=2e-3)  # log-weights are relative
 
 
 def test_tail_size_rule():
@@ -79,9 +80,9 @@ def test_every_objective_reports_khat_in_aux():
     x = jnp.ones((2, 3))
     loss_fn = jax.jit(je.miwae(lg.model(), lg.guide(), num_outer=4, num_inner=16, estimator="dreg"))
     aux = loss_fn(params, jax.random.key(0), x)[1]
-    np.testing.assert_allclose(aux["khat"], je.psis_khat(aux["log_weights"].reshape(2, -1)), rtol=1e-6)
+    np.testing.assert_allclose(aux["khat"], jax.jit(je.psis_khat)(aux["log_weights"].reshape(2, -1)), rtol=1e-6)
     assert np.all(np.asarray(aux["khat"]) > 0.7)
-    small = je.iwae(lg.model(), lg.guide(), num_samples=8)(params, jax.random.key(0), x)[1]
+    small = jax.jit(je.iwae(lg.model(), lg.guide(), num_samples=8))(params, jax.random.key(0), x)[1]
     assert "khat" not in small  # fewer than 25 samples: no tail to fit
 
 
@@ -135,10 +136,11 @@ def test_khat_degenerate_tails():
     """Flat tail: nan (nothing to fit). Zero exceedances below the tail's quartile with larger ones
     above (ties at the threshold, or all but a few weights zero): +inf, the fit's limit as they
     shrink to 0, so such rows are flagged. Zero weights below the threshold change nothing."""
+    khat = jax.jit(je.psis_khat)   # eager is covered by test_khat_matches_arviz
     ties = jnp.zeros(64).at[-3:].set(jnp.array([1.0, 2.0, 3.0]))
     few = jnp.full(64, -jnp.inf).at[:4].set(jnp.array([0.0, 1.0, 2.0, 3.0]))
-    k = np.asarray(je.psis_khat(jnp.stack([ties, few])))
+    k = np.asarray(khat(jnp.stack([ties, few])))
     assert np.isposinf(k).all(), k
     lw = jax.random.normal(jax.random.key(1), (64,))
     zeroed = lw.at[jnp.argsort(lw)[:20]].set(-jnp.inf)   # the 20 smallest weights set to zero
-    np.testing.assert_allclose(je.psis_khat(zeroed), je.psis_khat(lw), rtol=1e-6)
+    np.testing.assert_allclose(khat(zeroed), khat(lw), rtol=1e-6)

@@ -18,8 +18,11 @@ collect_ignore = [path for path, package in OPTIONAL_MODULES.items() if importli
 # extreme-value and DReG tests: 112 -> 55 CPU s, cold cache). Benchmarks and users keep the default.
 # Set before JAX starts its backend, so the CLI subprocesses and notebook kernels inherit it; an
 # XLA_FLAGS that already names the option is left as it is.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Eigen's intra-op threads off as well: the suite runs on two pytest-xdist workers, one per core, and
+# its programs are too small to split (the fast suite's CPU time: 564 -> 545 s).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the marks

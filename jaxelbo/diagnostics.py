@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, NamedTuple, overload
 
@@ -71,7 +72,21 @@ def _replicates(loss_fns: dict[str, LossFn], params: PyTree, rng: jax.Array, x: 
     keys = jax.random.split(rng, num_replicates)
     if chunk_size is None or chunk_size >= num_replicates:
         keys = snr.shard_replicates(keys)
-    return snr.replicate_gradients(loss_fns, params, keys, x, chunk_size=chunk_size)
+    items = tuple(loss_fns.items())
+    try:
+        hash(items)
+    except TypeError:  # an unhashable callable: compiled for this call only
+        return jax.jit(lambda p, k, xx: snr.replicate_gradients(loss_fns, p, k, xx, chunk_size=chunk_size))(
+            params, keys, x)
+    return _replicate_program(items, params, keys, x, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_items", "chunk_size"))
+def _replicate_program(loss_items: tuple[tuple[str, LossFn], ...], params: PyTree, keys: jax.Array, x: PyTree,
+                       chunk_size: int | None) -> dict[str, PyTree]:
+    """The replicates as one compiled program, cached by JAX on the loss functions' identity: an
+    eager call compiles once per loss (not op by op), and later calls with the same loss reuse it."""
+    return snr.replicate_gradients(dict(loss_items), params, keys, x, chunk_size=chunk_size)
 
 
 def snr_from_replicates(replicates: PyTree, mean: PyTree | None = None, *, ddof: int = 1) -> PyTree:

@@ -37,7 +37,8 @@ def gradient_replicates(loss_fn: LossFn, params: PyTree, rng: jax.Array, x: PyTr
                         num_replicates: int, chunk_size: int | None = None) -> PyTree:
     """``R`` independent draws of the gradient estimate, stacked on a leading axis.
 
-    All replicates run as one vmapped program (:func:`jaxelbo.snr.replicate_gradients`),
+    All replicates run as one vmapped, compiled program (:func:`jaxelbo.snr.replicate_gradients`;
+    JAX caches it on ``loss_fn``, so later calls with the same loss do not compile again),
     sharded over the replicate axis when there are several devices; with ``chunk_size``
     they run ``chunk_size`` at a time (``jax.lax.map``), bounding memory at ``chunk_size``
     times one gradient's. Replicate ``r`` uses ``jax.random.split(rng, R)[r]`` whatever the

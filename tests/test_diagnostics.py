@@ -110,3 +110,39 @@ def test_elbo_surgery_mutual_information_extremes():
     spread = jnp.arange(50.0)[:, None] * jnp.ones((1, D))  # guides 10 units apart, scale 0.01
     s = je.elbo_surgery(MODEL, GUIDE, apart, jax.random.key(0), spread, chunk_size=16)
     np.testing.assert_allclose(s.index_code_mi, np.log(50), atol=1e-3)
+
+
+def test_replicates_compile_once_per_loss_and_equal_the_eager_engine():
+    """gradient_replicates runs as one compiled program that JAX caches on the loss function: a
+    second call with the same loss does not trace it again (a new loss does), and the result is
+    the eager engine's (jaxelbo.snr.replicate_gradients) on the same keys. An unhashable callable
+    loss is compiled for its call and gives the same numbers."""
+    params = lg.optimal_params(jnp.zeros(2))
+    params["guide"]["b"] = params["guide"]["b"] + 0.3
+    x = jnp.ones((3, 2))
+    inner = je.iwae(lg.model(), lg.guide(), num_samples=4, estimator="dreg")
+    traces = []
+
+    def loss_fn(p, rng, xx):
+        traces.append(1)
+        return inner(p, rng, xx)
+
+    first = je.gradient_replicates(loss_fn, params, jax.random.key(0), x, num_replicates=6)
+    n = len(traces)
+    again = je.gradient_replicates(loss_fn, params, jax.random.key(1), x, num_replicates=6)
+    assert len(traces) == n > 0                      # cached: not traced again
+    je.gradient_replicates(lambda p, r, xx: loss_fn(p, r, xx), params, jax.random.key(1), x, num_replicates=6)
+    assert len(traces) > n                           # the control: another loss is traced
+    keys = jax.random.split(jax.random.key(0), 6)
+    eager = je.snr.replicate_gradients({"loss": inner}, params, keys, x)["loss"]
+    chex.assert_trees_all_close(first, eager, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(again["guide"]["b"]), np.asarray(first["guide"]["b"]))
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, p, rng, xx):
+            return inner(p, rng, xx)
+
+    chex.assert_trees_all_close(je.gradient_replicates(Unhashable(), params, jax.random.key(0), x, num_replicates=6),
+                                eager, rtol=1e-6, atol=1e-7)

@@ -309,8 +309,8 @@ def iwae(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mappi
       >>> lg = je.models.linear_gaussian
       >>> loss_fn = je.iwae(lg.model(), lg.guide(), num_samples=32, estimator="dreg")
       >>> params = lg.optimal_params(jnp.zeros(2))
-      >>> (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, jax.random.key(0),
-      ...                                                                 jnp.ones((3, 2)))
+      >>> step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+      >>> (loss, aux), grads = step(params, jax.random.key(0), jnp.ones((3, 2)))
       >>> sorted(aux), sorted(grads)
       (['bound', 'ess', 'khat', 'log_weights'], ['guide', 'model'])
     """
@@ -608,10 +608,10 @@ def rws(model: Model, guide: Guide, *, num_samples: int, estimator: str | Mappin
       >>> lg = je.models.linear_gaussian
       >>> loss_fn = je.rws(lg.model(), lg.guide(), num_samples=8, alpha=0.9)
       >>> params = lg.optimal_params(jnp.zeros(2))
-      >>> grads = jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 2)))[0])(params)
+      >>> grads = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 2)))[0]))(params)
 
       >>> sleep = je.rws(lg.model(), lg.guide(), num_samples=8, insomnia=0.0, num_sleep_samples=16)
-      >>> grads = jax.grad(lambda p: sleep(p, jax.random.key(0), jnp.ones((3, 2)))[0])(params)
+      >>> grads = jax.jit(jax.grad(lambda p: sleep(p, jax.random.key(0), jnp.ones((3, 2)))[0]))(params)
 
     References:
       Tucker, Lawson, Gu & Maddison (2019). Doubly reparameterized gradient estimators for

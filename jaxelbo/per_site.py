@@ -63,7 +63,7 @@ Example:
   >>> guide = je.Guide(sample, log_q, reparameterized={"c": True, "d": False}, discrete_log_prob=log_q_d)
   >>> loss_fn = je.iwae(model, guide, num_samples=4, estimator={"continuous": "dreg", "discrete": "vimco"})
   >>> params = {"model": {}, "guide": {"a": jnp.array(0.0), "m": jnp.zeros(2)}}
-  >>> grads = jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 1)))[0])(params)
+  >>> grads = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.key(0), jnp.ones((3, 1)))[0]))(params)
   >>> grads["guide"]["m"].shape
   (2,)
 

@@ -514,7 +514,7 @@ def make(rng: jax.Array, data_dim: int, *, hidden: Sequence[int] = (200, 200), l
       >>> import jax, jaxelbo as je
       >>> from jaxelbo.models import vae
       >>> model, guide, params = vae.make(jax.random.key(0), 64, hidden=(32,), latent_dim=4)
-      >>> loss, aux = je.iwae(model, guide, num_samples=8)(params, jax.random.key(1), jax.numpy.ones((3, 64)))
+      >>> loss, aux = jax.jit(je.iwae(model, guide, num_samples=8))(params, jax.random.key(1), jax.numpy.ones((3, 64)))
       >>> aux["bound"].shape
       (3,)
 

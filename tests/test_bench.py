@@ -115,6 +115,7 @@ def test_default_output_is_runs_bench_under_the_current_directory(tmp_path, monk
         throughput.output_dir(package / "results")
 
 
+@pytest.mark.slow  # over 5 s (builds every reference contender): the slow gate
 def test_skipped_references_say_why(vae_setup):
     model, guide, params, x, rng = vae_setup
     skipped = {}

@@ -125,6 +125,7 @@ def test_one_particle_is_the_same_elbo_sample_for_every_scheme(problem):
 # ------------------------------------------------------------------ variable lengths
 
 
+@pytest.mark.slow  # over 5 s (three SMC programs and their x-gradient): the slow gate
 def test_lengths_mask_matches_truncated_sequences(problem):
     params, x, _ = problem
     theta = params["model"]
@@ -207,6 +208,7 @@ def test_score_resampling_leaves_the_x_gradient_plain(problem):
     assert all(float(v) == float(values[0]) for v in values)
 
 
+@pytest.mark.slow  # over 5 s (vmapped gradients of two estimators): the slow gate
 def test_stl_phi_gradient_vanishes_at_the_exact_proposal(problem):
     """Smoothing proposal at phi = theta, no resampling: every trajectory weighs p(x) whatever the
     particles, so STL's phi-gradient is zero on every key, while reparam's on the same keys is a

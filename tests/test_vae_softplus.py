@@ -89,7 +89,7 @@ def test_vae_log_likelihood_uses_the_dense_form():
     np.testing.assert_allclose(got, logits, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stochastic_layers", [1, 2])
+@pytest.mark.parametrize("stochastic_layers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: over 5 s
 def test_numpy_data_closed_over_by_jit_reaches_the_fused_output_layer(stochastic_layers):
     """A NumPy data set that ``jax.jit`` closes over (notebook 01's ``je.elbo_surgery``) reaches the
     fused output layer's custom_jvp through vmap; it used to fail with "non-canonical constant"."""

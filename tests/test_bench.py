@@ -126,6 +126,20 @@ def test_skipped_references_say_why(vae_setup):
     assert "iwae/dreg" in skipped["TFP-JAX"] or "tfp-nightly" in skipped["TFP-JAX"]
 
 
+def test_a_pair_that_refuses_this_k_is_listed_not_timed(vae_setup):
+    """The default pairs include leave-one-out estimators (ovis), which need K >= 2: at K = 1
+    they are listed with the constructor's reason and the other pairs are still timed."""
+    model, guide, params, x, rng = vae_setup
+    skipped = {}
+    contenders = throughput.build_contenders(model, guide, params, x, rng, num_samples=1,
+                                             pairs=[("iwae", "reparam"), ("iwae", "ovis")], references=False,
+                                             log=lambda msg: None, plain_model_row=False, skipped=skipped)
+    assert [c.name for c in contenders] == ["jaxelbo iwae/reparam", "GEMM floor"]
+    assert "num_samples >= 2" in skipped["jaxelbo iwae/ovis at K = 1"]
+    with pytest.raises(ValueError, match="num_samples >= 2"):     # the control: the pair itself refuses
+        throughput.registry.make("iwae", model, guide, estimator="ovis", num_samples=1)
+
+
 def test_the_benchmark_owns_its_flags_and_jaxelbo_has_no_bench_command(tmp_path):
     args = _args(tmp_path, "--fast", "--num-samples", "1", "8")
     assert args.fast and args.num_samples == [1, 8]

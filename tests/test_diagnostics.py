@@ -134,8 +134,8 @@ def test_replicates_compile_once_per_loss_and_equal_the_engine():
     je.gradient_replicates(lambda p, r, xx: loss_fn(p, r, xx), params, jax.random.key(1), x, num_replicates=6)
     assert len(traces) > n                           # the control: another loss is traced
     keys = jax.random.split(jax.random.key(0), 6)
-    eager = jax.jit(lambda p, k: je.snr.replicate_gradients({"loss": inner}, p, k, x))(params, keys)["loss"]
-    chex.assert_trees_all_close(first, eager, rtol=1e-6, atol=1e-7)
+    engine = jax.jit(lambda p, k: je.snr.replicate_gradients({"loss": inner}, p, k, x))(params, keys)["loss"]
+    chex.assert_trees_all_close(first, engine, rtol=1e-6, atol=1e-7)
     assert not np.allclose(np.asarray(again["guide"]["b"]), np.asarray(first["guide"]["b"]))
 
     class Unhashable:
@@ -145,4 +145,4 @@ def test_replicates_compile_once_per_loss_and_equal_the_engine():
             return inner(p, rng, xx)
 
     chex.assert_trees_all_close(je.gradient_replicates(Unhashable(), params, jax.random.key(0), x, num_replicates=6),
-                                eager, rtol=1e-6, atol=1e-7)
+                                engine, rtol=1e-6, atol=1e-7)

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
               "setting": {"num_points": n, "num_samples": k, "points_per_call": b, "repetitions": args.repetitions,
                           "model": "flax VAE 784-200-200-50", "data": "random binary"},
               "auto_chunk": {"points": points, "samples": samples, "rows": rows, "temp_bytes_per_row": per_row,
-                             "budget_bytes": _chunking.cache_bytes()},
+                             "budget_bytes": _chunking.cache_bytes(), "cpu_min_rows": _chunking._CPU_MIN_ROWS},
               "logits_chunk": {"points": old_points, "samples": old_samples},
               "gemm_reference": best_gemm, "rows": rowsd,
               "load_average_start": load_start, "load_average_end": [round(v, 2) for v in os.getloadavg()]}
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
           f"Versions: {json.dumps(env['versions'])}", "",
           f"{n} random binary points in calls of {b}, {args.repetitions} interleaved rounds. The auto chunk: "
           f"{points} point(s) x {samples} samples = {rows} rows per step ({per_row / 1024:.1f} KiB of XLA temporaries "
-          f"per row against a {result['auto_chunk']['budget_bytes'] / 2**20:.0f} MiB cache budget); the logits form's "
+          f"per row against a {result['auto_chunk']['budget_bytes'] / 2**20:.0f} MiB cache budget, and at least "
+          f"{_chunking._CPU_MIN_ROWS} rows on CPU); the logits form's "
           f"auto chunk: {old_points} x {old_samples}. GFLOP/s count the decoder's products per sample and the "
           "encoder's once per point; the GEMM reference is the fastest row below, timed in the same rounds.", "",
           "| contender | seconds | points / s | GFLOP/s | of the GEMM rate | time vs before | time vs logits | "

@@ -11,6 +11,14 @@ from main memory. On an accelerator bigger blocks are better up to a memory budg
 step (``jax.jit(step).lower(...).compile().memory_analysis()``) and divides a budget
 by it: on CPU the per-core L2 cache times the number of cores (read from
 ``/sys/devices/system/cpu``, 1 MiB per core when unknown), elsewhere a fixed 1 GiB.
+
+On CPU a step also has a fixed cost, whatever its rows: a few dozen kernels dispatched
+to the thread pool, the rolled loops of ``threefry`` and matrix products that pack their
+weight panels. On the Burda VAE it is about 0.45 ms a step against
+about 6.5 us a row (2 AMD EPYC cores, ``benchmarks/evaluation.py``): at the 264 rows that
+512 KiB of L2 per core allow, steps ran 15-25% slower than at 1000-2500 rows, which spill
+to L3 but not to memory. So CPU steps get at least ``_CPU_MIN_ROWS`` rows, as long as
+that stays within ``_CPU_MAX_STEP_BYTES`` of temporaries.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ _CPU_CACHE_FRACTION = 1.0  # budget = this x (L2 per core x cores), see choose_r
 _ACCELERATOR_BUDGET = 1 << 30
 _PROBE_ROWS = 256
 _MIN_ROWS, _MAX_ROWS = 64, 1 << 20
+_CPU_MIN_ROWS = 1024  # a CPU step's fixed cost amortised (see the module docstring)
+_CPU_MAX_STEP_BYTES = 64 << 20  # ... unless 1024 rows need more temporaries than this
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,11 +96,14 @@ def choose_rows(make_step: Callable[[int], Callable], *args: Any, cache_key: Any
 
     Returns:
       ``budget / (temp bytes / rows)`` clamped to ``[64, 2**20]``, with the budget
-      :func:`cache_bytes` on CPU and 1 GiB on other backends.
+      :func:`cache_bytes` on CPU and 1 GiB on other backends; on CPU at least
+      ``min(1024, 64 MiB / (temp bytes / rows))`` rows.
     """
     per_row = bytes_per_row(make_step, args, cache_key=cache_key)
-    budget = _CPU_CACHE_FRACTION * cache_bytes() if jax.default_backend() == "cpu" else _ACCELERATOR_BUDGET
-    return int(min(max(budget / per_row, _MIN_ROWS), _MAX_ROWS))
+    if jax.default_backend() != "cpu":
+        return int(min(max(_ACCELERATOR_BUDGET / per_row, _MIN_ROWS), _MAX_ROWS))
+    floor = max(min(_CPU_MIN_ROWS, _CPU_MAX_STEP_BYTES / per_row), _MIN_ROWS)
+    return int(min(max(_CPU_CACHE_FRACTION * cache_bytes() / per_row, floor), _MAX_ROWS))
 
 
 def split_rows(rows: int, num_points: int, num_samples: int) -> tuple[int, int]:

@@ -60,6 +60,26 @@ def test_auto_rows_fill_the_budget(net, monkeypatch):
         assert target / 2 <= points * samples <= target, (budget, points, samples, per_row)
 
 
+def test_cpu_steps_get_at_least_the_floor_of_rows(net, monkeypatch):
+    # a small cache no longer shrinks CPU steps below 1024 rows (a step's fixed cost),
+    # unless those rows would need more than the temporaries' cap
+    if jax.default_backend() != "cpu":
+        pytest.skip("the floor is a CPU rule")
+    model, guide, params, _ = net
+    big = jax.random.bernoulli(jax.random.key(1), 0.4, (400, D)).astype(jnp.float32)
+    monkeypatch.setattr(_chunking, "cache_bytes", lambda: 1 << 10)
+    points, samples = log_likelihood_chunks(model, guide, params, jax.random.key(0), big, num_samples=5000)
+    assert 512 <= points * samples <= _chunking._CPU_MIN_ROWS, (points, samples)
+    # control: with the cap below 1024 rows' temporaries, the cap binds
+    per_row = _chunking.bytes_per_row(
+        lambda r: _log_weight_block(model, guide, 5000, r),
+        (params, jax.random.split(jax.random.key(0), 1), big[:1], jnp.zeros((), jnp.int32)),
+        cache_key=("log_likelihood", model, guide, 5000))
+    monkeypatch.setattr(_chunking, "_CPU_MAX_STEP_BYTES", 100 * per_row)
+    points, samples = log_likelihood_chunks(model, guide, params, jax.random.key(0), big, num_samples=5000)
+    assert 64 <= points * samples <= 100, (points, samples)
+
+
 @pytest.mark.parametrize("rows, n, k, want", [(1000, 100, 5000, (1, 1000)), (3000, 100, 5000, (1, 2500)),
                                               (2500, 100, 500, (5, 500)), (900, 100, 5000, (1, 834)),
                                               (10**6, 7, 50, (7, 50)),

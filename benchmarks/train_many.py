@@ -5,7 +5,7 @@ K samples; the runs are seeds x (IWAE-DReG, IWAE), one step function per pair. B
 are timed alternately (shuffled order, repeated, after a compiling warm-up); medians of
 per-round ratios. Parameters of the two ways are compared (max relative difference).
 
-    python benchmarks/train_many.py --out benchmarks/results       # writes train-many-cpu.{json,md}
+    python benchmarks/train_many.py --out benchmarks/results       # writes train-many-<platform>.{json,md}
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def main(argv=None) -> int:
               "load_average_start": load_start, "load_average_end": [round(v, 2) for v in os.getloadavg()]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train-many-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    tag = jax.devices()[0].platform  # train-many-cpu, train-many-gpu, ...
+    (out / f"train-many-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# train_many: {n} runs as one program vs in turn ({result['device']})", "",
           f"Date {result['date']}; load average {load_start} at start, {result['load_average_end']} at end "
-          f"(2 shared cores; absolute times are noisy, the ratio is paired per round).", "",
+          f"({os.cpu_count()} CPU cores; absolute times are noisy, the ratio is paired per round).", "",
           f"Versions: {json.dumps(result['environment'])}", "",
           f"digits, VAE 64-200-200-50, batch 64, K = {args.num_samples}, {args.steps} steps per run, "
           f"runs: {args.seeds} seeds x (iwae/dreg, iwae/reparam); {args.repetitions} interleaved rounds.", "",
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
           f"| in turn (`training.train`) | {result['in_turn_s']:.2f} | {result['runs_per_hour_in_turn']:.0f} |", "",
           f"Speed-up (median of per-round ratios): **{result['speedup']:.2f}x**; parameters of the two ways "
           f"differ by at most {err:.1e} (relative)."]
-    (out / "train-many-cpu.md").write_text("\n".join(md) + "\n")
+    (out / f"train-many-{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

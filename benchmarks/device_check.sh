@@ -30,7 +30,8 @@ step() {
   timeout "$limit" "$@" || { echo "== device_check: FAILED ($?): $*" >&2; failed=$((failed + 1)); }
   echo "== device_check: $((SECONDS - t0)) s" >&2
 }
-python -c "import jax; print('devices:', jax.devices())"
+# the devices, shown; the platform names the table's copies
+platform=$(python -c "import sys, jax; print('devices:', jax.devices(), file=sys.stderr); print(jax.devices()[0].platform)")
 if [ "${SMOKE:-0}" = 1 ]; then
   ks="1 8"; reps=2; eval_points=4; eval_k=500; tm_steps=20; table_steps=${TABLE_STEPS:-30}; table_points=${TABLE_EVAL_POINTS:-20}
   table_eval_k=100
@@ -52,7 +53,6 @@ case "$stage" in
     step python benchmarks/train_table.py --dataset fashion-mnist --data-dir "$data" --stochastic-layers 1 2 \
       --seeds 0 --steps "$table_steps" --eval-num-points "$table_points" --eval-num-samples "$table_eval_k" \
       --runs together --no-progress --out "$out"
-    platform=$(python -c "import jax; print(jax.devices()[0].platform)")
     for ext in md json png; do
       [ -f "$out/train_table_fashion-mnist.$ext" ] && \
         cp "$out/train_table_fashion-mnist.$ext" "$out/train_table_fashion-mnist-$platform.$ext"

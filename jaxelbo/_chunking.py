@@ -100,10 +100,11 @@ def choose_rows(make_step: Callable[[int], Callable], *args: Any, cache_key: Any
       ``min(1024, 64 MiB / (temp bytes / rows))`` rows.
     """
     per_row = bytes_per_row(make_step, args, cache_key=cache_key)
-    if jax.default_backend() != "cpu":
-        return int(min(max(_ACCELERATOR_BUDGET / per_row, _MIN_ROWS), _MAX_ROWS))
-    floor = max(min(_CPU_MIN_ROWS, _CPU_MAX_STEP_BYTES / per_row), _MIN_ROWS)
-    return int(min(max(_CPU_CACHE_FRACTION * cache_bytes() / per_row, floor), _MAX_ROWS))
+    budget, floor = float(_ACCELERATOR_BUDGET), float(_MIN_ROWS)
+    if jax.default_backend() == "cpu":
+        budget = _CPU_CACHE_FRACTION * cache_bytes()
+        floor = max(min(_CPU_MIN_ROWS, _CPU_MAX_STEP_BYTES / per_row), _MIN_ROWS)
+    return int(min(max(budget / per_row, floor), _MAX_ROWS))
 
 
 def split_rows(rows: int, num_points: int, num_samples: int) -> tuple[int, int]:

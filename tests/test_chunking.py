@@ -44,14 +44,19 @@ def test_one_point_alone_gets_the_same_estimate(net):
     np.testing.assert_allclose(jitted, ll, rtol=2e-6, atol=2e-6)
 
 
+def _log_likelihood_bytes_per_row(model, guide, params, x):
+    """XLA's temporary bytes per row of log_likelihood's step at K = 5000, as its chunk chooser reads them."""
+    return _chunking.bytes_per_row(
+        lambda r: _log_weight_block(model, guide, 5000, r),
+        (params, jax.random.split(jax.random.key(0), 1), x[:1], jnp.zeros((), jnp.int32)),
+        cache_key=("log_likelihood", model, guide, 5000))
+
+
 def test_auto_rows_fill_the_budget(net, monkeypatch):
     # rows per step = budget / (XLA's temp bytes per row), split into points x samples
     model, guide, params, _ = net
     big = jax.random.bernoulli(jax.random.key(1), 0.4, (400, D)).astype(jnp.float32)
-    per_row = _chunking.bytes_per_row(
-        lambda r: _log_weight_block(model, guide, 5000, r),
-        (params, jax.random.split(jax.random.key(0), 1), big[:1], jnp.zeros((), jnp.int32)),
-        cache_key=("log_likelihood", model, guide, 5000))
+    per_row = _log_likelihood_bytes_per_row(model, guide, params, big)
     assert per_row > 4 * D  # at least the logits of a row
     for budget in (1 << 20, 8 << 20):
         monkeypatch.setattr(_chunking, "cache_bytes", lambda budget=budget: budget)
@@ -71,10 +76,7 @@ def test_cpu_steps_get_at_least_the_floor_of_rows(net, monkeypatch):
     points, samples = log_likelihood_chunks(model, guide, params, jax.random.key(0), big, num_samples=5000)
     assert 512 <= points * samples <= _chunking._CPU_MIN_ROWS, (points, samples)
     # control: with the cap below 1024 rows' temporaries, the cap binds
-    per_row = _chunking.bytes_per_row(
-        lambda r: _log_weight_block(model, guide, 5000, r),
-        (params, jax.random.split(jax.random.key(0), 1), big[:1], jnp.zeros((), jnp.int32)),
-        cache_key=("log_likelihood", model, guide, 5000))
+    per_row = _log_likelihood_bytes_per_row(model, guide, params, big)
     monkeypatch.setattr(_chunking, "_CPU_MAX_STEP_BYTES", 100 * per_row)
     points, samples = log_likelihood_chunks(model, guide, params, jax.random.key(0), big, num_samples=5000)
     assert 64 <= points * samples <= 100, (points, samples)

@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+FLAG = re.compile(r"(?<!\S)(--[\w-]+)")  # a long option, as a command line or --help writes it
 
 
 def _commands(text: str) -> list[tuple[str, list[str]]]:
@@ -23,7 +24,7 @@ def _commands(text: str) -> list[tuple[str, list[str]]]:
     joined = re.sub(r"\\\n\s*", " ", text)
     out = []
     for m in re.finditer(r"python (benchmarks/\w+\.py)([^\n]*)", joined):
-        out.append((m.group(1), re.findall(r"(?<!\S)(--[\w-]+)", m.group(2))))
+        out.append((m.group(1), FLAG.findall(m.group(2))))
     return out
 
 
@@ -39,7 +40,7 @@ def _unknown_flags(text: str, helps: dict[str, str]) -> dict[str, list[str]]:
         if path not in helps:
             helps[path] = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True,
                                          text=True, check=True, cwd=ROOT).stdout
-        missing = sorted(set(flags) - set(re.findall(r"(?<!\S)(--[\w-]+)", helps[path])))
+        missing = sorted(set(flags) - set(FLAG.findall(helps[path])))
         if missing:
             unknown[path] = missing
     return unknown
